@@ -1,0 +1,34 @@
+"""cdnv2: train, condense and ship CondenseNetV2 models."""
+from __future__ import annotations
+
+import importlib
+
+from .flops import CostReport, count_cost
+from .models import create_model, list_models, register_model
+
+__version__ = "0.1.0"
+
+# Heavier entry points are imported on first use so `import cdnv2` stays light.
+_LAZY = {
+    "convert_model": "cdnv2.convert",
+    "check_parity": "cdnv2.convert",
+    "load_model": "cdnv2.convert",
+    "save_compact": "cdnv2.convert",
+    "load_official_checkpoint": "cdnv2.official",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cdnv2' has no attribute {name!r}")
+
+
+__all__ = [
+    "CostReport",
+    "count_cost",
+    "create_model",
+    "list_models",
+    "register_model",
+    *_LAZY,
+]
