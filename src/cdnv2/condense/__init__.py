@@ -1,0 +1,24 @@
+"""When and what to prune; group lasso; mask-safe EMA. Works on any module tree."""
+from .ema import ModelEMA
+from .schedule import (
+    CondenseConfig,
+    CondenseEvent,
+    Condenser,
+    ScheduleError,
+    condensing_layers,
+    fire_steps,
+    layer_kind,
+    step_fractions,
+)
+
+__all__ = [
+    "CondenseConfig",
+    "CondenseEvent",
+    "Condenser",
+    "ModelEMA",
+    "ScheduleError",
+    "condensing_layers",
+    "fire_steps",
+    "layer_kind",
+    "step_fractions",
+]

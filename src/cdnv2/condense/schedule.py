@@ -1,0 +1,162 @@
+"""When to prune: the condensation schedule, as a pure function of integer steps.
+
+A layer with condense factor C takes C-1 steps. By default step s (1-based) fires
+once ``s / (C-1) * end_fraction`` of training has passed (SPEC 5: s / (2(C-1)) with
+``end_fraction = 0.5``). Step s fires at the first completed optimizer step
+``t >= ceil(f_s * T)``; :class:`Condenser.step` is called with the number of
+completed steps ``t`` (0 before training, ``T`` at the end), applies what is due
+and is idempotent, so it is correct for runs shorter than the number of stages,
+for odd step counts and after a resume.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..layers import CondensingConv1x1, LearnedLinear, SparseFeatureReactivation
+
+
+@dataclass
+class CondenseConfig:
+    """Condensation schedule and group-lasso settings (the ``condense`` config group)."""
+
+    end_fraction: float = 0.5  # all pruning done after this fraction of training
+    lgc_fractions: Optional[list[float]] = None  # explicit LGC step fractions (C-1 of them)
+    sfr_fractions: Optional[list[float]] = None  # explicit SFR step fractions (C-1 of them)
+    lasso_lambda: float = 0.0  # group-lasso weight; 0 = off (V2 ImageNet recipe)
+    lasso_layers: list[str] = field(default_factory=lambda: ["lgc"])  # lgc and/or sfr
+
+
+class ScheduleError(ValueError):
+    """The model's masks do not agree with the schedule (e.g. a resumed checkpoint)."""
+
+
+def layer_kind(m: nn.Module) -> str:
+    if isinstance(m, SparseFeatureReactivation):
+        return "sfr"
+    if isinstance(m, LearnedLinear):
+        return "classifier"
+    return "lgc"
+
+
+def condensing_layers(model: nn.Module) -> list[tuple[str, CondensingConv1x1]]:
+    """Every masked LGC/SFR layer of ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, CondensingConv1x1)]
+
+
+def step_fractions(num_steps: int, end_fraction: float, explicit: Optional[list[float]] = None) -> list[Fraction]:
+    """Fractions of training after which each of ``num_steps`` condensation steps fires."""
+    if explicit is not None:
+        if len(explicit) != num_steps:
+            raise ScheduleError(
+                f"{len(explicit)} condensation fractions given for a layer with "
+                f"{num_steps} steps (condense factor {num_steps + 1}); give exactly {num_steps}"
+            )
+        fractions = [Fraction(str(f)) for f in explicit]
+    else:
+        end = Fraction(str(end_fraction))
+        fractions = [end * s / num_steps for s in range(1, num_steps + 1)]
+    if any(not 0 < f <= 1 for f in fractions) or fractions != sorted(fractions):
+        raise ScheduleError(
+            f"condensation fractions must increase within (0, 1]; got {[float(f) for f in fractions]}"
+        )
+    return fractions
+
+
+def fire_steps(num_steps: int, total_steps: int, end_fraction: float = 0.5,
+               explicit: Optional[list[float]] = None) -> list[int]:
+    """Completed-step counts at which steps 1..num_steps fire (each in [1, total_steps])."""
+    if total_steps < 1:
+        raise ScheduleError(f"total_steps must be >= 1, got {total_steps}")
+    return [max(1, math.ceil(f * total_steps)) for f in step_fractions(num_steps, end_fraction, explicit)]
+
+
+@dataclass
+class CondenseEvent:
+    """What one call of :meth:`Condenser.step` changed, for logs."""
+
+    step: int
+    fired: list[tuple[str, int]]  # (layer name, its new stage)
+    density: dict[str, float]  # mean mask density per layer kind after the change
+    stage: dict[str, int]  # smallest stage per layer kind
+
+
+class Condenser:
+    """Applies the condensation schedule to a model from the trainer, never from forward()."""
+
+    def __init__(self, model: nn.Module, total_steps: int, cfg: CondenseConfig | None = None):
+        self.cfg = cfg or CondenseConfig()
+        self.total_steps = total_steps
+        self.layers = condensing_layers(model)
+        self.fire_at: dict[str, list[int]] = {}
+        for name, m in self.layers:
+            kind = layer_kind(m)
+            explicit = {"lgc": self.cfg.lgc_fractions, "sfr": self.cfg.sfr_fractions}.get(kind)
+            self.fire_at[name] = fire_steps(m.num_steps, total_steps, self.cfg.end_fraction, explicit)
+        self.final_step = max((s[-1] for s in self.fire_at.values() if s), default=0)
+
+    def target_stage(self, name: str, completed: int) -> int:
+        return sum(1 for t in self.fire_at[name] if completed >= t)
+
+    def verify(self, completed: int) -> None:
+        """Raise :class:`ScheduleError` unless every layer is at its stage for ``completed`` steps."""
+        for name, m in self.layers:
+            want, have = self.target_stage(name, completed), int(m.stage)
+            if want != have:
+                raise ScheduleError(
+                    f"layer {name} is at condensation stage {have} but the schedule puts it at "
+                    f"stage {want} after {completed} of {self.total_steps} steps; the checkpoint "
+                    "was written with another schedule (epochs, steps per epoch or condense settings "
+                    "differ) - resume with the settings it was trained with"
+                )
+
+    @torch.no_grad()
+    def step(self, completed: int) -> CondenseEvent | None:
+        """Apply every condensation step due after ``completed`` optimizer steps."""
+        fired = []
+        for name, m in self.layers:
+            want = self.target_stage(name, completed)
+            if int(m.stage) > want:
+                raise ScheduleError(
+                    f"layer {name} is at stage {int(m.stage)}, ahead of the schedule ({want}) "
+                    f"at step {completed}"
+                )
+            while int(m.stage) < want:
+                m.condense_step()
+                fired.append((name, int(m.stage)))
+            if fired and fired[-1][0] == name and dist.is_available() and dist.is_initialized():
+                dist.broadcast(m.mask, 0)  # float ties could differ across ranks; rank 0 decides
+        if not fired:
+            return None
+        return CondenseEvent(completed, fired, self.density(), self.stages())
+
+    def density(self) -> dict[str, float]:
+        return _per_kind(self.layers, lambda m: m.density, lambda v: sum(v) / len(v))
+
+    def stages(self) -> dict[str, int]:
+        return _per_kind(self.layers, lambda m: int(m.stage), min)
+
+    @property
+    def done(self) -> bool:
+        return all(m.fully_condensed for _, m in self.layers)
+
+    def lasso_active(self, completed: int) -> bool:
+        return self.cfg.lasso_lambda > 0 and completed < self.final_step
+
+    def lasso_penalty(self) -> torch.Tensor:
+        """lambda * group-lasso summed over the configured layer kinds."""
+        terms = [m.lasso_penalty() for _, m in self.layers if layer_kind(m) in self.cfg.lasso_layers]
+        return self.cfg.lasso_lambda * torch.stack(terms).sum()
+
+
+def _per_kind(layers, value, reduce) -> dict:
+    groups: dict[str, list] = {}
+    for _, m in layers:
+        groups.setdefault(layer_kind(m), []).append(value(m))
+    return {k: reduce(v) for k, v in groups.items()}
