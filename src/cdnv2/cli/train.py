@@ -1,11 +1,56 @@
-"""cdnv2-train (placeholder until its issue lands)."""
+"""cdnv2-train: a thin Hydra shim over :func:`cdnv2.engine.train`.
+
+    cdnv2-train                                   # quickstart: cdnv2_tiny on shapes
+    cdnv2-train model=cdnv2_b data=imagenet data.root=/data/imagenet
+    cdnv2-train -m condense.lasso_lambda=0,1e-5 model=cdnv2_tiny,condensenet_86
+"""
+from __future__ import annotations
+
 import sys
 
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
-def main() -> int:
-    print("cdnv2-train: not yet available in this version", file=sys.stderr)
-    return 2
+from ..data import DataError
+from ..engine import TrainConfig, train
+from ..errors import TrainingInterrupted
+from .common import check_override_keys, run_user_command, setup_process
+
+PROG = "cdnv2-train"
+GROUPS = {"model", "data", "optim", "sched", "condense", "trainer", "recipe", "experiment"}
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def _run(cfg: DictConfig) -> float | None:
+    run_dir = HydraConfig.get().runtime.output_dir
+    train_cfg: TrainConfig = OmegaConf.to_object(cfg)
+
+    def go():
+        try:
+            return train(train_cfg, run_dir)
+        except TrainingInterrupted as e:
+            print(f"{PROG}: {e}; re-run the same command to resume", file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
+
+    report = run_user_command(PROG, go, (DataError,))
+    compact = report.get("compact") or {}
+    return compact.get("top1", report.get("top1"))  # the value sweepers optimise
+
+
+_hydra_main = hydra.main(version_base="1.3", config_path="../configs", config_name="train")(_run)
+
+
+def main() -> None:
+    setup_process()
+    error = check_override_keys(sys.argv[1:], TrainConfig, GROUPS, PROG)
+    if error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

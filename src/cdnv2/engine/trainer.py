@@ -1,0 +1,583 @@
+"""The training loop: train, condense in stages, evaluate, convert, report.
+
+``train(cfg, run_dir)`` is the whole product in one call: the CLI composes a
+:class:`TrainConfig` with Hydra and calls it; tests call it in-process. The loop is
+deterministic given the seed (data randomness is derived per sample from the seed,
+epoch and index), so a run that is killed and re-run with the same command resumes
+from its last checkpoint and ends with the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import convert as convert_mod
+from ..condense import Condenser, ModelEMA, condensing_layers
+from ..data import build_data, mixup_cutmix
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
+from ..evaluate import EvalResult, evaluate
+from ..flops import count_cost
+from ..models import create_model, is_model, unknown_model_message
+from . import checkpoint as ckpt
+from .config import TrainConfig, config_to_dict
+from .distributed import DistInfo, all_reduce_sum, any_rank, cleanup, init_distributed
+from .logger import MetricLogger, Progress, format_table, log
+from .optim import build_optimizer, lr_at, resolve_lr, set_lr
+
+_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str, dist: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.device={name!r} but CUDA is not available; use trainer.device=cpu")
+        if name == "cuda":
+            name = f"cuda:{dist.local_rank}"
+        torch.cuda.set_device(torch.device(name))
+    elif name != "cpu":
+        raise ConfigError(f"trainer.device={name!r}: use auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    t = cfg.trainer
+    if not is_model(cfg.model.name):
+        raise ConfigError(f"model.name: {unknown_model_message(cfg.model.name)}")
+    if t.epochs < 1:
+        raise ConfigError(f"trainer.epochs must be >= 1, got {t.epochs}")
+    if t.amp not in _AMP:
+        raise ConfigError(f"trainer.amp={t.amp!r}: use one of {sorted(_AMP)}")
+    if t.nan_policy not in ("raise", "skip"):
+        raise ConfigError(f"trainer.nan_policy={t.nan_policy!r}: use raise or skip")
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
+        raise CheckpointError(
+            f"resume={cfg.resume!r}: no such file; use resume=auto (the run directory's last "
+            "checkpoint), resume=never, or a path to a checkpoint"
+        )
+
+
+class Trainer:
+    """Owns the model, optimizer, EMA, condensation schedule and run directory."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path):
+        _validate(cfg)
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        probe = "cuda" if cfg.trainer.device.startswith("cuda") or (
+            cfg.trainer.device == "auto" and torch.cuda.is_available()
+        ) else "cpu"
+        self.dist = init_distributed(probe)
+        self.device = resolve_device(cfg.trainer.device, self.dist)
+        if cfg.trainer.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        self.is_main = self.dist.is_main
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+        self.data = build_data(
+            cfg.data, seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+            device_type=self.device.type,
+        )
+        self.steps_per_epoch = self.data.steps_per_epoch
+        if cfg.trainer.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.trainer.max_steps_per_epoch)
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"data.batch_size={cfg.data.batch_size} leaves no full training batch per rank; "
+                "lower the batch size"
+            )
+        self.total_steps = cfg.trainer.epochs * self.steps_per_epoch
+        self.peak_lr = resolve_lr(cfg.optim, cfg.data.batch_size)
+        self.warmup_steps = round(cfg.sched.warmup_epochs * self.steps_per_epoch)
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        try:
+            self.model = create_model(cfg.model.name, num_classes=self.data.num_classes, **cfg.model.overrides())
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model {cfg.model.name!r}: {e}") from None
+        self.model.to(self.device)
+        if cfg.trainer.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.condenser = Condenser(self.model, self.total_steps, cfg.condense)
+        self.structure = "masked"
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
+        self.ema = ModelEMA(self.model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
+        self.autocast_dtype = _AMP[cfg.trainer.amp] if self.device.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+
+        self.step = 0  # completed optimizer steps
+        self.epoch = 0  # completed epochs
+        self.batch_in_epoch = 0  # completed batches of the current epoch
+        self.best_top1 = -1.0
+        self.bad_steps = 0
+        self.train_seconds = 0.0
+        self.last_eval: dict = {}
+        self.last_checkpoint: Path | None = None
+        self._stop_signal: int | None = None
+        self._resume()
+        self.train_model = self._wrap(self.model)
+        self.logger = MetricLogger(self.run_dir if self.is_main else None)
+
+    # ------------------------------------------------------------------ set-up
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.dist.enabled:
+            if self.cfg.trainer.sync_bn and self.structure == "masked":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                self.model = model
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.cfg.trainer.compile:
+            model = torch.compile(model)
+        return model
+
+    def _compact_training_due(self) -> bool:
+        return (
+            self.cfg.trainer.compact_training
+            and self.structure == "masked"
+            and bool(self.condenser.layers)
+            and self.condenser.done
+        )
+
+    def _swap_to_compact_training(self) -> None:
+        """Second half of training: stop paying for pruned connections."""
+        convert_mod.to_compact_training(self.model, self.optimizer)
+        if self.ema is not None:
+            convert_mod.to_compact_training(self.ema.module)
+        self.structure = "compact_train"
+        self.train_model = self._wrap(self.model)
+        log.info("step %d: all masks final, switched to compact training layers", self.step)
+
+    def _checkpoint_state(self) -> dict:
+        return {
+            "format": ckpt.FORMAT,
+            "kind": "train",
+            "version": 1,
+            "model_name": self.cfg.model.name,
+            "model_kwargs": self.model.arch_kwargs(),
+            "structure": self.structure,
+            "model_state": self.model.state_dict(),
+            "ema_state": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "total_steps": self.total_steps,
+            "best_top1": self.best_top1,
+            "bad_steps": self.bad_steps,
+            "train_seconds": self.train_seconds,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "class_names": list(self.data.class_names),
+            "preprocess": self.data.eval_preprocess,
+            "data_name": self.cfg.data.name,
+            "config": config_to_dict(self.cfg),
+            "metrics": dict(self.last_eval),
+        }
+
+    def _check_compatible(self, state: dict, path: Path) -> None:
+        diffs = []
+        if state.get("model_name") != self.cfg.model.name:
+            diffs.append(f"model {state.get('model_name')!r} vs {self.cfg.model.name!r}")
+        ours = self.model.arch_kwargs()
+        theirs = state.get("model_kwargs") or {}
+        for key in sorted(set(ours) | set(theirs)):
+            if ours.get(key) != theirs.get(key):
+                diffs.append(f"model.{key} {theirs.get(key)!r} vs {ours.get(key)!r}")
+        if list(state.get("class_names", [])) != list(self.data.class_names):
+            diffs.append(
+                f"{len(state.get('class_names', []))} classes vs {len(self.data.class_names)} in the data"
+            )
+        if state.get("total_steps") != self.total_steps:
+            diffs.append(
+                f"total steps {state.get('total_steps')} vs {self.total_steps} "
+                "(trainer.epochs, data.batch_size or the dataset size changed)"
+            )
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this run: " + "; ".join(diffs[:8])
+                + ". Resume with the settings it was trained with, pick another run directory "
+                "(name=... or hydra.run.dir=...), or start afresh with resume=never."
+            )
+
+    def _resume(self) -> None:
+        if self.cfg.resume == "never":
+            return
+        if self.cfg.resume == "auto":
+            found = ckpt.find_resume_checkpoint(self.ckpt_dir)
+            if found is None:
+                return
+            state, path = found
+        else:
+            path = Path(self.cfg.resume)
+            state = ckpt.load_checkpoint(path)
+        if state.get("kind") != "train":
+            raise CheckpointError(f"{path} is a {state.get('kind')} artifact, not a training checkpoint")
+        self._check_compatible(state, path)
+        if state["structure"] != "masked":
+            convert_mod.restructure_for_state_dict(self.model, state["model_state"])
+            if self.ema is not None:
+                convert_mod.restructure_for_state_dict(self.ema.module, state["model_state"])
+            self.optimizer = build_optimizer(self.model, self.cfg.optim, self.peak_lr)
+            self.structure = state["structure"]
+        self.model.load_state_dict(state["model_state"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema_state"] or state["model_state"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.best_top1, self.bad_steps = state["best_top1"], state["bad_steps"]
+        self.train_seconds = state["train_seconds"]
+        self.last_eval = dict(state.get("metrics") or {})
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_as_random_state(state["rng"]["python"]))
+        if self.structure == "masked":
+            self.condenser.verify(self.step)
+        elif self.step < self.condenser.final_step:
+            raise CheckpointError(f"{path}: compact layers before the last condensation step")
+        self.last_checkpoint = path
+        if self.is_main:
+            log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+
+    # ------------------------------------------------------------------ saving
+    def save(self, name: str = "last.pt") -> Path | None:
+        """Rank 0 writes a checkpoint; refuse to persist non-finite weights."""
+        if not self.is_main:
+            return None
+        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteLossError(
+                f"refusing to write a checkpoint: non-finite weights in {bad[:3]} at step {self.step}; "
+                f"the last good checkpoint is {self.last_checkpoint}"
+            )
+        path = self.ckpt_dir / name
+        state = self._checkpoint_state()
+        if name == "last.pt":
+            ckpt.save_rotating(state, path)
+            self.last_checkpoint = path
+        else:
+            ckpt.atomic_save(state, path)
+        return path
+
+    # ------------------------------------------------------------------ training
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+        log.warning("signal %d received: finishing the current step, then saving", signum)
+
+    def fit(self) -> dict:
+        old = {}
+        try:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                old[s] = signal.signal(s, self._on_signal)
+        except ValueError:  # not the main thread (e.g. a test harness): no handlers
+            old = {}
+        try:
+            if self.condenser.step(self.step) and self.is_main:  # stages due at step 0
+                log.info("applied condensation stages due at the start")
+            if self._compact_training_due():
+                self._swap_to_compact_training()
+            while self.epoch < self.cfg.trainer.epochs:
+                self.train_one_epoch()
+                self.end_epoch()
+            return self.finalize()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.logger.close()
+
+    def train_one_epoch(self) -> None:
+        epoch, start = self.epoch, self.batch_in_epoch
+        self.data.set_epoch(epoch, start_batch=start)
+        self.model.train()
+        bar = Progress(
+            self.steps_per_epoch - start, f"epoch {epoch + 1}/{self.cfg.trainer.epochs}",
+            self.cfg.trainer.progress, self.cfg.trainer.log_every, self.is_main,
+        )
+        last_save = time.monotonic()
+        tick, seen = time.perf_counter(), 0
+        for images, targets in self.data.train_loader:
+            if self.batch_in_epoch >= self.steps_per_epoch:
+                break
+            loss = self.train_step(images, targets)
+            seen += images.shape[0]
+            self.batch_in_epoch += 1
+            self.after_step()
+            if loss is not None and (self.step % self.cfg.trainer.log_every == 0 or self.step == 1):
+                elapsed = time.perf_counter() - tick
+                self._log_train(loss, seen * self.dist.world_size / max(elapsed, 1e-9))
+                tick, seen = time.perf_counter(), 0
+            bar.update(1, loss=f"{loss:.3f}" if loss is not None else "skip")
+            if time.monotonic() - last_save > 60 * self.cfg.trainer.checkpoint_minutes:
+                self.save()
+                last_save = time.monotonic()
+            self._check_stop()
+        bar.close()
+
+    def _forward_loss(self, images, targets) -> torch.Tensor:
+        o = self.cfg.optim
+        soft = None
+        if o.mixup_alpha > 0 or o.cutmix_alpha > 0:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
+            images, soft = mixup_cutmix(images, targets, self.data.num_classes, o.mixup_alpha, o.cutmix_alpha, g)
+        images = images.to(self.device, non_blocking=True)
+        if self.cfg.trainer.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        target = (soft if soft is not None else targets).to(self.device, non_blocking=True)
+        ctx = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+        with ctx:
+            logits = self.train_model(images)
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
+        if self.condenser.lasso_active(self.step) and self.structure == "masked":
+            loss = loss + self.condenser.lasso_penalty()
+        return loss
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> float | None:
+        """One optimizer step; returns the loss, or None for a skipped non-finite step."""
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.sched)
+        set_lr(self.optimizer, lr)
+        loss = self._forward_loss(images, targets)
+        if not any_rank(not bool(torch.isfinite(loss)), self.dist, self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            if self.cfg.optim.grad_clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            value = float(loss.detach())
+        else:
+            value = self._bad_step(lr)
+        self.train_seconds += time.perf_counter() - t0
+        return value
+
+    def _bad_step(self, lr: float) -> None:  # returns None: the step's loss is void
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        where = (
+            f"non-finite loss at step {self.step + 1} (epoch {self.epoch + 1}, lr {lr:.4g}); "
+            f"the last good checkpoint is {self.last_checkpoint or 'none yet'}"
+        )
+        if self.cfg.trainer.nan_policy == "raise":
+            raise NonFiniteLossError(
+                where + ". Lower optim.lr or enable optim.grad_clip, then re-run to resume; or set "
+                "trainer.nan_policy=skip to skip such steps."
+            )
+        if self.bad_steps > self.cfg.trainer.max_bad_steps:
+            raise NonFiniteLossError(
+                where + f"; {self.bad_steps} steps skipped, more than trainer.max_bad_steps="
+                f"{self.cfg.trainer.max_bad_steps}"
+            )
+        log.warning("%s: step skipped (%d so far)", where, self.bad_steps)
+        return None
+
+    def after_step(self) -> None:
+        """Count the step, apply due condensation stages, maybe swap to compact layers."""
+        self.step += 1
+        event = self.condenser.step(self.step) if self.structure == "masked" else None
+        if event is not None:
+            metrics = {f"condense/density_{k}": v for k, v in event.density.items()}
+            metrics.update({f"condense/stage_{k}": float(v) for k, v in event.stage.items()})
+            self.logger.log(self.step, self._epoch_float(), metrics)
+            if self.is_main:
+                log.info(
+                    "step %d: condensation stage %s, density %s", self.step, event.stage,
+                    {k: round(v, 4) for k, v in event.density.items()},
+                )
+            if self.cfg.trainer.stage_snapshots:
+                self.save(f"condense-step{self.step:07d}.pt")
+        if self._compact_training_due():
+            self._swap_to_compact_training()
+        _test_kill_hook(self.step, self.dist)
+
+    def _check_stop(self) -> None:
+        if any_rank(self._stop_signal is not None, self.dist, self.device):
+            path = self.save()
+            raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, str(path) if path else None)
+
+    def _epoch_float(self) -> float:
+        return self.epoch + self.batch_in_epoch / self.steps_per_epoch
+
+    def _log_train(self, loss: float, images_per_second: float) -> None:
+        metrics = {
+            "train/loss": loss,
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/images_per_second": images_per_second,
+        }
+        if self.condenser.lasso_active(self.step) and self.structure == "masked":
+            metrics["train/lasso"] = float(self.condenser.lasso_penalty())
+        self.logger.log(self.step, self._epoch_float(), metrics)
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def run_eval(self, model: nn.Module, desc: str) -> EvalResult:
+        bar = Progress(len(self.data.val_loader), desc, self.cfg.trainer.progress, 10**9, self.is_main)
+        result = evaluate(
+            model, self.data.val_loader, self.device,
+            reduce=lambda t: all_reduce_sum(t, self.dist), autocast_dtype=self.autocast_dtype,
+            channels_last=self.cfg.trainer.channels_last, progress=bar,
+        )
+        bar.close()
+        return result
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        result = self.run_eval(self.eval_model(), "eval")
+        self.last_eval = {"epoch": self.epoch, **result.as_dict()}
+        self.logger.log(self.step, float(self.epoch), {f"val/{k}": v for k, v in result.as_dict().items()})
+        if self.is_main:
+            log.info(
+                "epoch %d/%d: val top1 %.2f%% top5 %.2f%% loss %.4f (%s)",
+                self.epoch, self.cfg.trainer.epochs, result.top1, result.top5, result.loss,
+                "condensed" if self.condenser.done or self.structure != "masked" else
+                f"stage {self.condenser.stages()}",
+            )
+        self.save()
+        fully_condensed = self.structure != "masked" or self.condenser.done
+        if fully_condensed and result.top1 > self.best_top1:
+            self.best_top1 = result.top1
+            self.save("best.pt")
+
+    # ------------------------------------------------------------------ the end
+    def finalize(self) -> dict:
+        """Evaluate the masked model, convert, check parity, evaluate the compact model."""
+        if self.structure == "masked":
+            self.condenser.step(self.total_steps)  # no-op unless the schedule was cut short
+        model = self.eval_model()
+        masked = self.run_eval(model, "eval masked")
+        input_size = tuple(self.data.input_size)
+        arch = self.model.arch_kwargs()
+        reference = create_model(self.cfg.model.name, **arch)
+        cost_masked = count_cost(reference, input_size)
+        report = {
+            "model": self.cfg.model.name,
+            "data": self.cfg.data.name,
+            "epochs": self.cfg.trainer.epochs,
+            "steps": self.step,
+            "train_seconds": round(self.train_seconds, 2),
+            "weights": "ema" if self.ema is not None else "raw",
+            **masked.as_dict(),
+            "best_top1": self.best_top1,
+            "flops": {"paper": cost_masked.paper_flops, "masked_exec": cost_masked.exec_flops},
+            "params": {"paper": cost_masked.paper_params, "masked": cost_masked.params},
+            "compact": None,
+            "run_dir": str(self.run_dir),
+        }
+        has_masks = bool(condensing_layers(reference))
+        if has_masks:
+            report["compact"] = self._convert_and_eval(model, input_size, report)
+        if self.is_main:
+            (self.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            print(summary_table(report), flush=True)
+        cleanup(self.dist)
+        return report
+
+    def _parity_batch(self) -> torch.Tensor:
+        images = []
+        for x, _ in self.data.val_loader:
+            images.append(x)
+            if sum(i.shape[0] for i in images) >= self.cfg.trainer.parity_samples:
+                break
+        return torch.cat(images)[: self.cfg.trainer.parity_samples].to(self.device)
+
+    def _convert_and_eval(self, model: nn.Module, input_size, report: dict) -> dict:
+        x = self._parity_batch()
+        compact = convert_mod.convert_model(model, example_input=x)
+        parity = convert_mod.check_parity(model, compact, x)
+        result = self.run_eval(compact, "eval compact")
+        cost = count_cost(compact, input_size)
+        report["flops"]["compact_exec"] = cost.exec_flops
+        report["flops"]["compact_paper"] = cost.paper_flops
+        report["params"]["compact"] = cost.params
+        path = self.run_dir / "model_compact.pt"
+        if self.is_main:
+            convert_mod.save_compact(
+                path, compact, model_name=self.cfg.model.name, model_kwargs=self.model.arch_kwargs(),
+                class_names=list(self.data.class_names), preprocess=self.data.eval_preprocess,
+                metrics=result.as_dict(),
+            )
+        return {
+            **result.as_dict(),
+            "parity_max_abs_diff": parity.max_abs_diff,
+            "parity_output_scale": parity.output_scale,
+            "path": str(path),
+        }
+
+
+def summary_table(report: dict) -> str:
+    rows = [
+        ("model / data", f"{report['model']} / {report['data']}"),
+        ("epochs / steps", f"{report['epochs']} / {report['steps']}"),
+        ("train time", f"{report['train_seconds']:.1f} s"),
+        (f"top-1 / top-5 (masked, {report['weights']})", f"{report['top1']:.2f}% / {report['top5']:.2f}%"),
+        ("paper-rule FLOPs / params", f"{report['flops']['paper'] / 1e6:.2f}M / {report['params']['paper'] / 1e6:.3f}M"),
+        ("masked model executes", f"{report['flops']['masked_exec'] / 1e6:.2f}M FLOPs / {report['params']['masked'] / 1e6:.3f}M"),
+    ]
+    c = report.get("compact")
+    if c:
+        rows += [
+            ("top-1 / top-5 (compact)", f"{c['top1']:.2f}% / {c['top5']:.2f}%"),
+            ("compact executes", f"{report['flops']['compact_exec'] / 1e6:.2f}M FLOPs / {report['params']['compact'] / 1e6:.3f}M"),
+            ("parity max |diff|", f"{c['parity_max_abs_diff']:.2e} (output scale {c['parity_output_scale']:.2f})"),
+            ("compact model", c["path"]),
+        ]
+    rows.append(("run directory", report["run_dir"]))
+    return format_table(rows, "cdnv2-train summary")
+
+
+def _as_random_state(state):
+    # weights_only loading turns the inner tuple into a list; random.setstate wants tuples.
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def _test_kill_hook(step: int, dist: DistInfo) -> None:
+    """Test hook: SIGKILL this process after step N (CDNV2_TEST_KILL_AT_STEP).
+
+    With CDNV2_TEST_KILL_RANK only that rank dies; with CDNV2_TEST_KILL_ONCE=<file> it
+    dies only if the file does not exist yet (and creates it), so a restart survives.
+    """
+    at = os.environ.get("CDNV2_TEST_KILL_AT_STEP")
+    if not at or int(at) != step:
+        return
+    rank = os.environ.get("CDNV2_TEST_KILL_RANK")
+    if rank is not None and int(rank) != dist.rank:
+        return
+    once = os.environ.get("CDNV2_TEST_KILL_ONCE")
+    if once:
+        if Path(once).exists():
+            return
+        Path(once).touch()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
+    """Run (or resume) a whole training run in ``run_dir``; returns the report dict."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, run_dir).fit()
