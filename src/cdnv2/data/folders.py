@@ -1,0 +1,167 @@
+"""Class-folder datasets (ImageNet, any ImageFolder tree): layout checks, split, decoding.
+
+The layout is checked when the data is built (folders exist, every class folder holds at
+least one image file) so that a wrong path fails in a second, before training starts;
+images are decoded only when a sample is drawn.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import DataError
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+_LAYOUT = (
+    "Expected {root}/train/<class>/<image> and {root}/val/<class>/<image>, or one folder of "
+    "class folders with data.val_fraction > 0 to hold out part of it."
+)
+
+
+def load_image(path: str) -> Image.Image:
+    """Decode ``path`` to RGB, or raise a DataError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")  # forces the full decode, so truncation shows here
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        raise DataError(
+            f"Cannot read the image {path} ({type(e).__name__}: {e}). The file is unreadable or "
+            "truncated: replace or delete it, or set data.on_corrupt=skip to skip unreadable "
+            "images (each one is counted and logged)."
+        ) from None
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """A list of (image file, label) pairs; ``load(i)`` decodes one.
+
+    Paths and labels live in numpy arrays rather than a list of tuples, so that forked
+    loader workers do not copy a million Python objects by touching their refcounts.
+    """
+
+    def __init__(self, paths: list[str], labels: list[int]):
+        self.paths = np.array(paths, dtype=np.str_)
+        self.targets = np.array(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        return load_image(str(self.paths[index])), int(self.targets[index])
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def scan_classes(folder: Path, classes: Optional[list[str]] = None) -> tuple[list[str], list[int], list[str]]:
+    """Image files under each class folder of ``folder`` (recursively, sorted).
+
+    Returns (paths, labels, classes); labels index ``classes``, which default to the
+    folder's own sorted class folders.
+    """
+    found = _class_dirs(folder)
+    if not found:
+        loose = [e.name for e in os.scandir(folder) if e.is_file() and _is_image(e.name)]
+        hint = (
+            f" It holds {len(loose)} image files directly: images must be sorted into one folder "
+            "per class (for ILSVRC-2012 val, e.g. with the usual valprep.sh script)."
+            if loose else ""
+        )
+        raise DataError(f"No class folders in {folder}.{hint}")
+    classes = found if classes is None else classes
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in found if c not in index]
+    if unknown:
+        raise DataError(
+            f"{folder} has class folders that train/ does not have: {', '.join(unknown[:5])}"
+            f"{' ...' if len(unknown) > 5 else ''}. Both splits must use the same class folder names."
+        )
+    missing = [c for c in classes if c not in found]
+    if missing:
+        log.warning("%s has no folder for %d of %d classes (e.g. %s)", folder, len(missing), len(classes), missing[0])
+    paths: list[str] = []
+    labels: list[int] = []
+    for name in found:
+        files = sorted(
+            os.path.join(dirpath, f)
+            for dirpath, _, names in os.walk(folder / name, followlinks=True)
+            for f in names
+            if _is_image(f)
+        )
+        if not files:
+            raise DataError(
+                f"The class folder {folder / name} has no image files (looked for "
+                f"{', '.join(IMG_EXTENSIONS)}). Remove the empty folder or add its images."
+            )
+        paths += files
+        labels += [index[name]] * len(files)
+    return paths, labels, classes
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, val): ``fraction`` of each class, rounded, goes to val (at least one
+    sample when the class has two or more), chosen by a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    train, val = [], []
+    for label in sorted(by_class):
+        members = by_class[label]
+        order = torch.randperm(len(members), generator=g).tolist()
+        n_val = min(max(round(fraction * len(members)), 1), len(members) - 1) if len(members) > 1 else 0
+        val += [members[j] for j in order[:n_val]]
+        train += [members[j] for j in order[n_val:]]
+    return sorted(train), sorted(val)
+
+
+def build_folder_datasets(
+    root: Optional[str], name: str, val_fraction: float, split_seed: int
+) -> tuple[ImageFiles, ImageFiles, list[str]]:
+    """Check the layout of ``root`` and list its train and val images."""
+    if not root:
+        raise DataError(f"data.root is not set; data={name} needs it. " + _LAYOUT.format(root="<root>"))
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        what = "is not a folder" if base.exists() else "does not exist"
+        raise DataError(f"data.root={root} {what}. " + _LAYOUT.format(root=root))
+    train_dir, val_dir = base / "train", base / "val"
+    has_train, has_val = train_dir.is_dir(), val_dir.is_dir()
+    if has_val and not has_train:
+        raise DataError(f"{root} has val/ but no train/ folder. " + _LAYOUT.format(root=root))
+    if has_train and has_val:
+        train_paths, train_labels, classes = scan_classes(train_dir)
+        val_paths, val_labels, _ = scan_classes(val_dir, classes)
+        return ImageFiles(train_paths, train_labels), ImageFiles(val_paths, val_labels), classes
+    if val_fraction <= 0:
+        missing = "no val/ folder" if has_train else "no train/ or val/ folder"
+        raise DataError(
+            f"{root} has {missing}. Add it, or set data.val_fraction (e.g. 0.1) to hold out a "
+            "fixed, stratified part of the images for validation. " + _LAYOUT.format(root=root)
+        )
+    paths, labels, classes = scan_classes(train_dir if has_train else base)
+    train_idx, val_idx = stratified_split(labels, val_fraction, split_seed)
+    if not val_idx:
+        raise DataError(f"data.val_fraction={val_fraction} holds out no image of {root}: every class has one image.")
+    return (
+        ImageFiles([paths[i] for i in train_idx], [labels[i] for i in train_idx]),
+        ImageFiles([paths[i] for i in val_idx], [labels[i] for i in val_idx]),
+        classes,
+    )

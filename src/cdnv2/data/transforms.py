@@ -1,0 +1,171 @@
+"""Train and eval transforms, and RandAugment with magnitude noise.
+
+Transforms accept a PIL image (folders, CIFAR) or a uint8 CHW tensor (shapes) and
+return a normalised float CHW tensor. Their randomness comes from the global torch RNG,
+which :mod:`cdnv2.data.loaders` seeds per sample, so augmentation does not depend on
+the number of loader workers.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+from torchvision.transforms.autoaugment import _apply_op  # the op table RandAugment uses
+
+from .config import INTERPOLATIONS, DataConfig, DataError
+
+_INTERPOLATION = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+}
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    if name not in _INTERPOLATION:
+        raise DataError(f"data.interpolation={name!r} is not one of {', '.join(INTERPOLATIONS)}.")
+    return _INTERPOLATION[name]
+
+
+class RandAugmentNoise(T.RandAugment):
+    """RandAugment whose magnitude is drawn per op from N(magnitude, magnitude_std),
+    clipped to [0, num_magnitude_bins - 1] (timm's "rand-m9-mstd0.5").
+
+    torchvision's RandAugment indexes a table of ``num_magnitude_bins`` strengths with an
+    integer magnitude; a noisy magnitude falls between two entries, so the strength is
+    interpolated linearly (Posterize bits are rounded). With 11 bins the scale is
+    timm's 0-10: magnitude 9 is 90% of each op's maximum. The op set is torchvision's.
+    """
+
+    def __init__(
+        self,
+        num_ops: int = 2,
+        magnitude: float = 9.0,
+        magnitude_std: float = 0.5,
+        num_magnitude_bins: int = 11,
+        interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+        fill: list[float] | None = None,
+    ):
+        if not 0 <= magnitude <= num_magnitude_bins - 1:
+            raise DataError(
+                f"data.randaugment_magnitude={magnitude} is outside the scale "
+                f"0..{num_magnitude_bins - 1} set by data.randaugment_num_bins={num_magnitude_bins}."
+            )
+        super().__init__(num_ops, 0, num_magnitude_bins, interpolation, fill)
+        self.magnitude = float(magnitude)
+        self.magnitude_std = float(magnitude_std)
+
+    def sample_magnitude(self) -> float:
+        m = self.magnitude
+        if self.magnitude_std > 0:
+            m += self.magnitude_std * float(torch.randn(()))
+        return min(max(m, 0.0), self.num_magnitude_bins - 1.0)
+
+    def forward(self, img):
+        fill = self.fill
+        channels, height, width = F.get_dimensions(img)
+        if isinstance(img, torch.Tensor) and fill is not None:
+            fill = [float(f) for f in fill]
+        op_meta = self._augmentation_space(self.num_magnitude_bins, (height, width))
+        names = list(op_meta)
+        for _ in range(self.num_ops):
+            name = names[int(torch.randint(len(names), ()))]
+            table, signed = op_meta[name]
+            magnitude = 0.0
+            if table.ndim > 0:
+                magnitude = _lerp(table, self.sample_magnitude())
+                if name == "Posterize":
+                    magnitude = float(round(magnitude))
+            if signed and int(torch.randint(2, ())):
+                magnitude = -magnitude
+            img = _apply_op(img, name, magnitude, interpolation=self.interpolation, fill=fill)
+        return img
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_ops={self.num_ops}, magnitude={self.magnitude}, "
+            f"magnitude_std={self.magnitude_std}, num_magnitude_bins={self.num_magnitude_bins})"
+        )
+
+
+def _lerp(table: torch.Tensor, position: float) -> float:
+    lo = int(position)
+    hi = min(lo + 1, len(table) - 1)
+    frac = position - lo
+    return float(table[lo]) * (1 - frac) + float(table[hi]) * frac
+
+
+class ToFloatTensor:
+    """PIL image or uint8 tensor -> float CHW tensor in [0, 1]."""
+
+    def __call__(self, img) -> torch.Tensor:
+        if isinstance(img, Image.Image):
+            img = F.pil_to_tensor(img)
+        if img.dtype == torch.uint8:
+            return img.float().div_(255)
+        return img.float()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def build_train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """The train augmentation of ``cfg``: crop, flip, RandAugment, normalise, erase."""
+    interp = interpolation_mode(cfg.interpolation)
+    if cfg.random_resized_crop:
+        ops: list[Any] = [
+            T.RandomResizedCrop(cfg.image_size, scale=(cfg.rrc_scale_min, 1.0), interpolation=interp, antialias=True)
+        ]
+    else:
+        # A no-op on images that already have the size (CIFAR, shapes).
+        ops = [
+            T.Resize(cfg.image_size, interpolation=interp, antialias=True),
+            T.RandomCrop(cfg.image_size, padding=cfg.crop_padding or None),
+        ]
+    if cfg.hflip:
+        ops.append(T.RandomHorizontalFlip())
+    if cfg.randaugment_magnitude is not None:
+        # Geometric ops fill with the mean colour, as timm does, instead of black.
+        fill = [round(255 * m) for m in mean]
+        ops.append(
+            RandAugmentNoise(
+                cfg.randaugment_num_ops, cfg.randaugment_magnitude, cfg.randaugment_mstd,
+                cfg.randaugment_num_bins, fill=fill,
+            )
+        )
+    ops += [ToFloatTensor(), T.Normalize(mean, std)]
+    if cfg.random_erasing > 0:
+        # After Normalize: value="random" draws N(0, 1) per pixel, i.e. timm's "pixel" mode.
+        ops.append(T.RandomErasing(p=cfg.random_erasing, value="random"))
+    return T.Compose(ops)
+
+
+def eval_preprocess(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]) -> dict:
+    """The eval transform as plain primitives, to store in a checkpoint."""
+    interpolation_mode(cfg.interpolation)
+    return {
+        "resize": int(cfg.eval_resize or cfg.image_size),  # short side, before the crop
+        "crop": int(cfg.image_size),
+        "interpolation": cfg.interpolation,
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+    }
+
+
+def build_eval_transform(eval_preprocess: dict) -> Callable:
+    """Rebuild the eval transform (resize, center crop, normalise) from its dict."""
+    try:
+        resize, crop = eval_preprocess["resize"], eval_preprocess["crop"]
+        interp = interpolation_mode(eval_preprocess["interpolation"])
+        mean, std = eval_preprocess["mean"], eval_preprocess["std"]
+    except KeyError as e:
+        raise DataError(f"eval_preprocess lacks the key {e}; it needs resize, crop, interpolation, mean, std.") from None
+    ops: list[Any] = []
+    if resize:
+        ops.append(T.Resize(int(resize), interpolation=interp, antialias=True))
+    ops += [T.CenterCrop(int(crop)), ToFloatTensor(), T.Normalize(list(mean), list(std))]
+    return T.Compose(ops)
