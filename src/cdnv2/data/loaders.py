@@ -119,6 +119,7 @@ class CheckedLoader(DataLoader):
     def __iter__(self):
         for images, targets, skipped, error in super().__iter__():
             if error:
+                self._stop_workers()
                 raise DataError(error)
             for path in skipped:
                 self.num_skipped += 1
@@ -127,6 +128,14 @@ class CheckedLoader(DataLoader):
                     log.warning("skipped an unreadable image (data.on_corrupt=skip): %s", path)
             if images is not None:
                 yield images, targets
+
+    def _stop_workers(self) -> None:
+        # The epoch is abandoned with batches still in flight: stop persistent workers
+        # now, rather than from a garbage collection at some later, arbitrary point.
+        iterator = getattr(self, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            self._iterator = None
 
 
 @dataclass
@@ -229,6 +238,9 @@ def build_data(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1
         num_workers=cfg.num_workers,
         pin_memory=device_type == "cuda",
         persistent_workers=cfg.num_workers > 0,
+        # Only the workers' base seed comes from here (unused: samples seed themselves);
+        # a private generator keeps the loader from drawing on the global torch RNG.
+        generator=torch.Generator().manual_seed(seed),
     )
     train_loader = CheckedLoader(train_set, batch_sampler=sampler, **common)
     val_loader = CheckedLoader(
