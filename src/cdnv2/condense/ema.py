@@ -41,6 +41,15 @@ class ModelEMA:
             else:
                 ema_value.copy_(value)
 
+    @torch.no_grad()
+    def sync_structure(self, model: nn.Module) -> None:
+        """Copy masks, stages and other structural buffers now (after a condensation step)."""
+        averaged = self._averaged(model)
+        live = model.state_dict()
+        for name, ema_value in self.module.state_dict().items():
+            if name not in averaged:
+                ema_value.copy_(live[name])
+
     def state_dict(self) -> dict:
         return self.module.state_dict()
 

@@ -400,6 +400,8 @@ class Trainer:
         self.step += 1
         event = self.condenser.step(self.step) if self.structure == "masked" else None
         if event is not None:
+            if self.ema is not None:
+                self.ema.sync_structure(self.model)
             metrics = {f"condense/density_{k}": v for k, v in event.density.items()}
             metrics.update({f"condense/stage_{k}": float(v) for k, v in event.stage.items()})
             self.logger.log(self.step, self._epoch_float(), metrics)
@@ -429,7 +431,8 @@ class Trainer:
             "train/images_per_second": images_per_second,
         }
         if self.condenser.lasso_active(self.step) and self.structure == "masked":
-            metrics["train/lasso"] = float(self.condenser.lasso_penalty())
+            with torch.no_grad():
+                metrics["train/lasso"] = float(self.condenser.lasso_penalty())
         self.logger.log(self.step, self._epoch_float(), metrics)
 
     def eval_model(self) -> nn.Module:

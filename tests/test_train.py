@@ -1,0 +1,153 @@
+"""cdnv2-train: in-process runs, the real command, resume, sweeps and config errors."""
+import json
+
+import pytest
+import torch
+
+import cdnv2
+from cdnv2.data import DataConfig
+from cdnv2.engine import TrainConfig, TrainerConfig, train
+
+from helpers import QUICK, assert_same_state, cli, load
+
+
+def quick_config(**trainer) -> TrainConfig:
+    cfg = TrainConfig(data=DataConfig(num_train=384, num_val=128, batch_size=32))
+    cfg.trainer = TrainerConfig(epochs=3, max_steps_per_epoch=4, parity_samples=8, progress="none", **trainer)
+    return cfg
+
+
+def test_full_path_in_process(tmp_path):
+    report = train(quick_config(ema_decay=0.9), tmp_path)
+    for name in ("report.json", "model_compact.pt", "metrics.jsonl", "metrics.csv", "checkpoints/last.pt",
+                 "checkpoints/best.pt"):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["top1"] == report["top1"]
+    c = report["compact"]
+    assert c["parity_max_abs_diff"] <= 1e-4 * max(1.0, c["parity_output_scale"])
+    assert abs(c["top1"] - report["top1"]) < 1.0  # float rounding may flip a borderline sample
+    assert report["weights"] == "ema"
+    assert report["params"]["compact"] < report["params"]["masked"]
+    # a stage snapshot per condensation step of cdnv2_tiny (C=4 -> 3 steps)
+    assert len(list((tmp_path / "checkpoints").glob("condense-step*.pt"))) == 3
+    last = load(tmp_path / "checkpoints/last.pt")
+    assert last["structure"] == "compact_train"
+    assert last["step"] == 12 and last["class_names"] == report_classes()
+    # the compact artifact rebuilds alone and gives the trainer's compact numbers
+    model = cdnv2.load_model(tmp_path / "model_compact.pt")
+    x = torch.randn(4, 3, 32, 32)
+    assert model(x).shape == (4, 10)
+
+
+def report_classes():
+    from cdnv2.data.shapes import SHAPES_CLASSES
+
+    return list(SHAPES_CLASSES)
+
+
+def test_metrics_cover_condensation(tmp_path):
+    train(quick_config(log_every=1), tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    names = set().union(*rows)
+    for key in ("train/loss", "train/lr", "train/images_per_second", "val/top1", "val/top5",
+                "condense/density_lgc", "condense/density_sfr", "condense/stage_lgc"):
+        assert key in names, key
+    density = [r["condense/density_lgc"] for r in rows if "condense/density_lgc" in r]
+    assert density == sorted(density, reverse=True) and density[-1] == pytest.approx(0.25)
+
+
+def test_lr_schedule_and_lasso_in_loss(tmp_path):
+    cfg = quick_config(log_every=1)
+    cfg.condense.lasso_lambda = 1e-4
+    cfg.sched.warmup_epochs = 1
+    train(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["train/lr"] for r in rows if "train/lr" in r]
+    peak = 0.1 * 32 / 64
+    assert lrs[0] == pytest.approx(peak * 0.25) and max(lrs) == pytest.approx(peak)
+    assert lrs[-1] < 0.1 * peak
+    lasso_steps = [r["step"] for r in rows if "train/lasso" in r]
+    assert lasso_steps and max(lasso_steps) < 6  # off once the last stage fired (step 6)
+
+
+def test_real_command_and_resume_after_kill_equals_uninterrupted(tmp_path):
+    ref = cli("cdnv2-train", *QUICK, f"hydra.run.dir={tmp_path / 'ref'}")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert "cdnv2-train summary" in ref.stdout
+    # SIGKILL after step 5: epoch 1's checkpoint (step 4) is the newest; condensation
+    # stage 3 (step 6) and the switch to compact training happen after the resume.
+    killed = cli("cdnv2-train", *QUICK, f"hydra.run.dir={tmp_path / 'run'}", env={"CDNV2_TEST_KILL_AT_STEP": "5"})
+    assert killed.returncode == -9
+    assert not (tmp_path / "run" / "report.json").exists()
+    resumed = cli("cdnv2-train", *QUICK, f"hydra.run.dir={tmp_path / 'run'}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr + resumed.stdout
+    a, b = load(tmp_path / "ref/checkpoints/last.pt"), load(tmp_path / "run/checkpoints/last.pt")
+    assert_same_state(a["model_state"], b["model_state"])
+    assert a["step"] == b["step"] == 12
+
+
+def test_multirun_sweep_writes_summary(tmp_path):
+    r = cli(
+        "cdnv2-train", "-m", *QUICK, "trainer.epochs=2", "model=cdnv2_tiny,condensenet_50",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = (tmp_path / "summary.csv").read_text().splitlines()
+    assert len(summary) == 3 and "compact_top1" in summary[0]
+    assert "model=cdnv2_tiny" in summary[1] and "model=condensenet_50" in summary[2]
+    assert (tmp_path / "0" / "report.json").exists() and (tmp_path / "1" / "report.json").exists()
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("trainer.epoch=3", "did you mean trainer.epochs?"),
+        ("+trainer.foo=1", "trainer has no key 'foo'"),
+        ("optim.lr=abc", "optim.lr"),
+        ("model=cdnv2_x", "Could not find 'model/cdnv2_x'"),
+        ("data=imagenett", "Could not find 'data/imagenett'"),
+        ("model.name=cdnv2_bb", "did you mean cdnv2_b"),
+        ("trainer.amp=fp64", "trainer.amp='fp64'"),
+    ],
+)
+def test_config_errors_are_clear(tmp_path, override, expected):
+    r = cli("cdnv2-train", override, f"hydra.run.dir={tmp_path}")
+    assert r.returncode != 0
+    assert expected in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_paper_recipes_compose():
+    from hydra import compose, initialize_config_module
+
+    from cdnv2.cli import train as train_cli  # noqa: F401  (registers the schema)
+
+    with initialize_config_module("cdnv2.configs", version_base="1.3"):
+        cfg = compose("train", overrides=["model=cdnv2_b", "data=imagenet", "data.root=/x"])
+        assert cfg.optim.base_lr == 0.4 and cfg.optim.ref_batch_size == 1024
+        assert cfg.data.batch_size == 1024 and cfg.trainer.epochs == 350
+        assert cfg.trainer.ema_decay == 0.9998 and cfg.optim.label_smoothing == 0.1
+        assert cfg.sched.warmup_epochs == 5 and cfg.optim.weight_decay == 4e-5
+        cfg = compose("train", overrides=["data=cifar10"])
+        assert cfg.trainer.epochs == 300 and cfg.data.batch_size == 64
+        assert cfg.optim.weight_decay == 1e-4
+
+
+def test_every_registered_model_has_a_config():
+    from importlib import resources
+
+    folder = resources.files("cdnv2.configs") / "model"
+    names = {p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")}
+    assert names == set(cdnv2.list_models())
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_90_percent(tmp_path):
+    r = cli("cdnv2-train", f"hydra.run.dir={tmp_path}", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["compact"]["top1"] > 90.0
+    assert report["compact"]["parity_max_abs_diff"] <= 1e-4 * max(1.0, report["compact"]["parity_output_scale"])
