@@ -1,11 +1,220 @@
-"""cdnv2-convert (placeholder until its issue lands)."""
+"""cdnv2-convert: a masked checkpoint becomes the compact artifact, checked and measured.
+
+    cdnv2-convert checkpoint=runs/cdnv2_tiny-shapes/checkpoints/last.pt
+    cdnv2-convert checkpoint=cdnv2_c_unconverted.pth.tar official=cdnv2_c out=cdnv2_c_compact.pt
+    cdnv2-convert checkpoint=runs/cdnv2_tiny-shapes/model_compact.pt export=all   # export only
+
+The compact model must reproduce the masked model's outputs (parity on random images;
+the command fails otherwise). The before/after table shows paper-rule and executed
+FLOPs, parameters, file size and timings. ``export=torchscript|onnx|all`` writes
+``<artifact>.torchscript.pt`` / ``<artifact>.onnx`` and checks each against PyTorch.
+"""
+from __future__ import annotations
+
+import inspect
+import io
+import json
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from .. import convert as convert_mod
+from ..benchmark import compare_costs, cost_rows, device_note, format_grid
+from ..data import DataError
+from ..engine.checkpoint import atomic_save
+from ..errors import ConfigError
+from ..export import ExportError, export_and_check, formats_for, require_onnx
+from ..flops import count_cost
+from .common import check_override_keys, run_user_command, setup_process
+from .eval import resolve_device
+from .loading import CHECKPOINT_ERRORS, Loaded, load_checkpoint_any, masked_reference
+
+PROG = "cdnv2-convert"
 
 
-def main() -> int:
-    print("cdnv2-convert: not yet available in this version", file=sys.stderr)
-    return 2
+@dataclass
+class ConvertConfig:
+    """cdnv2-convert's options (the Hydra schema of configs/convert.yaml)."""
+
+    checkpoint: Optional[str] = None  # training checkpoint, official file or compact artifact
+    official: Optional[str] = None  # official file: its variant; None: detected from the keys
+    weights: str = "auto"  # auto | ema | raw
+    out: Optional[str] = None  # artifact path; None: <checkpoint>_compact.pt beside it
+    export: str = "none"  # none | torchscript | onnx | all
+    parity_samples: int = 8  # random images of the parity check
+    bench: bool = True  # time both forms
+    cost_batch: int = 32  # throughput batch
+    bench_seconds: float = 1.0  # minimum timed seconds per measurement
+    device: str = "cpu"  # timing device
+    threads: Optional[int] = None  # CPU threads
+
+
+ConfigStore.instance().store(name="convert_schema", node=ConvertConfig)
+
+
+def default_out(path: Path) -> Path:
+    name = path.name
+    for suffix in (".pth.tar", ".pt", ".pth", ".tar", ".ckpt"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return path.with_name(f"{name}_compact.pt")
+
+
+def _weights_bytes(model: torch.nn.Module) -> int:
+    """Size of the model's state dict alone, as torch.save writes it."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
+
+
+def _save_artifact(out: Path, compact: torch.nn.Module, loaded: Loaded) -> Path:
+    metrics = dict(loaded.metrics or {})
+    if metrics:
+        metrics["measured_on"] = f"{loaded.structure} model of {loaded.path.name}"
+    extra = {"data": loaded.data_config, "seed": loaded.seed}
+    params = inspect.signature(convert_mod.save_compact).parameters
+    kwargs = {k: v for k, v in extra.items() if k in params}
+    convert_mod.save_compact(
+        out, compact, model_name=loaded.model_name, model_kwargs=loaded.model_kwargs,
+        class_names=loaded.class_names, preprocess=loaded.preprocess, metrics=metrics or None, **kwargs,
+    )
+    missing = {k: v for k, v in extra.items() if k not in params and v is not None}
+    if missing:
+        # The data config and seed let cdnv2-eval run the artifact without data=...; add them
+        # until save_compact takes them itself.
+        obj = torch.load(out, map_location="cpu", weights_only=True)
+        obj.update(missing)
+        atomic_save(obj, out)
+    return out
+
+
+def run(cfg: ConvertConfig) -> dict:
+    """Convert (and export) ``cfg.checkpoint``; print the tables; return a summary dict."""
+    if not cfg.checkpoint:
+        raise ConfigError(
+            "checkpoint=PATH is required: a training checkpoint (runs/<run>/checkpoints/last.pt), an "
+            "official CondenseNetV2 file (with official=cdnv2_a|b|c if not detected), or a compact "
+            "artifact to export"
+        )
+    if cfg.parity_samples < 1 or cfg.cost_batch < 1:
+        raise ConfigError(f"parity_samples={cfg.parity_samples} and cost_batch={cfg.cost_batch} must be >= 1")
+    formats = formats_for(cfg.export)
+    if "onnx" in formats:
+        require_onnx()  # before any work
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    loaded = load_checkpoint_any(cfg.checkpoint, weights=cfg.weights, official=cfg.official)
+    size = loaded.input_size
+    summary: dict[str, Any] = {"checkpoint": str(loaded.path), "model": loaded.model_name, "kind": loaded.kind}
+
+    if loaded.structure == "compact":
+        compact, out = loaded.model, loaded.path
+        if cfg.out and Path(cfg.out).expanduser().resolve() != loaded.path.resolve():
+            out = _save_artifact(Path(cfg.out).expanduser(), compact, loaded)
+        print(f"{loaded.path} is already a compact artifact; nothing to convert", flush=True)
+        masked = None
+    else:
+        out = Path(cfg.out).expanduser() if cfg.out else default_out(loaded.path)
+        if out.resolve() == loaded.path.resolve():
+            raise ConfigError(f"out={out} is the input checkpoint; choose another path")
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(cfg.parity_samples, *size, generator=g)
+        masked = loaded.model
+        try:
+            compact = convert_mod.convert_model(masked, example_input=x, check=False)
+        except ValueError as e:
+            raise ConfigError(f"{loaded.path} cannot be converted: {' '.join(str(e).split())}") from None
+        parity = convert_mod.check_parity(masked, compact, x)
+        summary["parity"] = {"max_abs_diff": parity.max_abs_diff, "output_scale": parity.output_scale,
+                             "ok": parity.ok, "samples": cfg.parity_samples}
+        if not parity.ok:
+            raise ConfigError(
+                f"parity check failed: the compact model differs from the masked one by "
+                f"{parity.max_abs_diff:.3g} at output scale {parity.output_scale:.3g}; nothing was written"
+            )
+        _save_artifact(out, compact, loaded)
+        print(before_after_table(loaded, masked, compact, out, parity, cfg, device), flush=True)
+    summary["artifact"] = str(out)
+
+    if formats:
+        stem = out.with_suffix("") if out.suffix == ".pt" else out
+        checks = export_and_check(compact, formats, stem, size)
+        summary["exports"] = [c.as_dict() for c in checks]
+        print(export_table(checks), flush=True)
+        bad = [c for c in checks if not c.ok]
+        if bad:
+            raise ExportError(
+                "exported file(s) do not match the PyTorch model: "
+                + "; ".join(f"{c.path}: max |diff| {c.max_abs_diff:.3g} at scale {c.output_scale:.3g}" for c in bad)
+            )
+    return summary
+
+
+def before_after_table(loaded: Loaded, masked, compact, out: Path, parity, cfg: ConvertConfig,
+                       device: torch.device) -> str:
+    size = loaded.input_size
+    models = {"masked": masked_reference(loaded), "compact": compact}
+    if cfg.bench:
+        costs = compare_costs(models, size, device, batch=cfg.cost_batch, min_seconds=cfg.bench_seconds)
+        header, rows = cost_rows(costs)
+    else:
+        header = ["", *models]
+        reports = {n: count_cost(m, size) for n, m in models.items()}
+        rows = [
+            ["paper-rule FLOPs (M)", *(f"{r.paper_flops / 1e6:.2f}" for r in reports.values())],
+            ["paper-rule params (M)", *(f"{r.paper_params / 1e6:.3f}" for r in reports.values())],
+            ["executed FLOPs (M)", *(f"{r.exec_flops / 1e6:.2f}" for r in reports.values())],
+            ["stored params (M)", *(f"{r.params / 1e6:.3f}" for r in reports.values())],
+        ]
+    rows.append(["weights file (MB)", f"{_weights_bytes(models['masked']) / 1e6:.2f}",
+                 f"{out.stat().st_size / 1e6:.2f}"])
+    title = f"{loaded.model_name}: masked -> compact (per {size[1]}x{size[2]} image, {device_note(device)})"
+    return "\n".join([
+        format_grid(header, rows, title),
+        f"parity: max |diff| {parity.max_abs_diff:.2e} at output scale {parity.output_scale:.2f} "
+        f"({cfg.parity_samples} random images): {'ok' if parity.ok else 'MISMATCH'}",
+        f"compact artifact: {out}",
+    ])
+
+
+def export_table(checks) -> str:
+    rows = [
+        [c.format, c.path, f"{c.file_bytes / 1e6:.2f}", f"{c.max_abs_diff:.2e}",
+         ",".join(map(str, c.batch_sizes)), "ok" if c.ok else "MISMATCH"]
+        for c in checks
+    ]
+    table = format_grid(["format", "file", "MB", "max |diff|", "batches", "check"], rows, "exports (vs PyTorch)")
+    for c in checks:
+        if c.op_types:
+            table += f"\nONNX operators: {json.dumps(c.op_types)}"
+    return table
+
+
+def _run(cfg: DictConfig) -> None:
+    convert_cfg: ConvertConfig = OmegaConf.to_object(cfg)
+    run_user_command(PROG, lambda: run(convert_cfg), (DataError, *CHECKPOINT_ERRORS))
+
+
+_hydra_main = hydra.main(version_base="1.3", config_path="../configs", config_name="convert")(_run)
+
+
+def main() -> None:
+    setup_process()
+    error = check_override_keys(sys.argv[1:], ConvertConfig, set(), PROG)
+    if error:
+        error = error.replace(" (groups you can switch with group=option: )", "")
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

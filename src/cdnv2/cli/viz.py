@@ -1,11 +1,113 @@
-"""cdnv2-viz (placeholder until its issue lands)."""
+"""cdnv2-viz: draw a checkpoint's learned connectivity and a run's training curves.
+
+    cdnv2-viz run_dir=runs/cdnv2_tiny-shapes          # curves + connectivity of its last.pt
+    cdnv2-viz checkpoint=runs/cdnv2_tiny-shapes/model_compact.pt out=plots/
+    cdnv2-viz checkpoint=cdnv2_c.pth.tar official=cdnv2_c reduce=mean
+
+Writes ``connectivity.png`` (+ ``connectivity.json`` with the matrices) and
+``curves.png``. matplotlib is the optional extra ``cdnv2[viz]``.
+"""
+from __future__ import annotations
+
+import json
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import ConfigError
+from ..viz import REDUCTIONS, VizError, block_connectivity, plot_connectivity, plot_curves, read_metrics
+from .common import check_override_keys, run_user_command, setup_process
+from .loading import CHECKPOINT_ERRORS, load_checkpoint_any
+
+PROG = "cdnv2-viz"
 
 
-def main() -> int:
-    print("cdnv2-viz: not yet available in this version", file=sys.stderr)
-    return 2
+@dataclass
+class VizConfig:
+    """cdnv2-viz's options (the Hydra schema of configs/viz.yaml)."""
+
+    checkpoint: Optional[str] = None  # masked checkpoint, compact artifact or official file
+    run_dir: Optional[str] = None  # cdnv2-train run directory
+    official: Optional[str] = None  # official file: its variant
+    weights: str = "auto"  # auto | ema | raw
+    reduce: str = "any"  # any | mean over groups
+    out: Optional[str] = None  # output folder
+
+
+ConfigStore.instance().store(name="viz_schema", node=VizConfig)
+
+
+def _run_checkpoint(run_dir: Path) -> Optional[Path]:
+    for name in ("checkpoints/last.pt", "model_compact.pt", "checkpoints/best.pt"):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    return None
+
+
+def run(cfg: VizConfig) -> dict[str, str]:
+    """Draw what ``cfg`` asks for; returns {picture name: path}."""
+    if not cfg.checkpoint and not cfg.run_dir:
+        raise ConfigError(
+            "give checkpoint=PATH (connectivity heatmaps) and/or run_dir=PATH (training curves, "
+            "plus the connectivity of the run's last checkpoint)"
+        )
+    if cfg.reduce not in REDUCTIONS:
+        raise ConfigError(f"reduce={cfg.reduce!r}: use one of {', '.join(REDUCTIONS)}")
+    run_dir = Path(cfg.run_dir).expanduser() if cfg.run_dir else None
+    if run_dir is not None and not run_dir.is_dir():
+        raise ConfigError(f"run_dir={run_dir} is not a directory")
+    checkpoint = Path(cfg.checkpoint).expanduser() if cfg.checkpoint else (run_dir and _run_checkpoint(run_dir))
+    if cfg.out:
+        out = Path(cfg.out).expanduser()
+    elif run_dir is not None:
+        out = run_dir / "plots"
+    else:
+        out = checkpoint.parent
+    written: dict[str, str] = {}
+
+    if run_dir is not None:
+        series = read_metrics(run_dir / "metrics.jsonl")
+        written["curves"] = str(plot_curves(series, out / "curves.png", title=f"{run_dir.name}: training curves"))
+    if checkpoint is not None:
+        loaded = load_checkpoint_any(checkpoint, weights=cfg.weights, official=cfg.official)
+        blocks = block_connectivity(loaded.model, cfg.reduce)
+        stem = "connectivity"
+        title = (f"{loaded.model_name} ({loaded.structure}): fraction of each source's channels that a "
+                 f"layer reads (LGC) and rewrites (SFR), reduce={cfg.reduce}")
+        written["connectivity"] = str(plot_connectivity(blocks, out / f"{stem}.png", title=title))
+        (out / f"{stem}.json").write_text(json.dumps({
+            "checkpoint": str(checkpoint), "model": loaded.model_name, "structure": loaded.structure,
+            "reduce": cfg.reduce, "blocks": [b.as_dict() for b in blocks],
+        }, indent=1) + "\n")
+        written["connectivity_json"] = str(out / f"{stem}.json")
+    elif run_dir is not None:
+        print(f"{PROG}: {run_dir} has no checkpoint yet; drew the curves only", file=sys.stderr)
+    for name, path in written.items():
+        print(f"{name}: {path}", flush=True)
+    return written
+
+
+def _run(cfg: DictConfig) -> None:
+    viz_cfg: VizConfig = OmegaConf.to_object(cfg)
+    run_user_command(PROG, lambda: run(viz_cfg), (VizError, *CHECKPOINT_ERRORS))
+
+
+_hydra_main = hydra.main(version_base="1.3", config_path="../configs", config_name="viz")(_run)
+
+
+def main() -> None:
+    setup_process()
+    error = check_override_keys(sys.argv[1:], VizConfig, set(), PROG)
+    if error:
+        print(error.replace(" (groups you can switch with group=option: )", ""), file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
