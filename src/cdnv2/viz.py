@@ -199,8 +199,7 @@ def plot_connectivity(blocks: list[BlockConnectivity], path: str | Path, title: 
     fig, axes = plt.subplots(
         nrows, len(blocks), figsize=(3.2 * len(blocks) + 1.2, 3.2 * nrows + 0.6), squeeze=False
     )
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")  # NaN (s >= t): blank
     image = None
     for col, b in enumerate(blocks):
         for row, (kind, m) in enumerate((("LGC reads", b.lgc), ("SFR rewrites", b.sfr))[:nrows]):

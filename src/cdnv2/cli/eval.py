@@ -117,6 +117,10 @@ def resolve_data_config(
         base.update(image_size=crop, eval_resize=resize if resize != crop else None,
                     interpolation=p["interpolation"], mean=list(p["mean"]), std=list(p["std"]))
     base.update(overrides)
+    # Only the val loader is used: keep its batch, and let a train split of any size
+    # (even smaller than the training batch) pass build_data's checks.
+    base["eval_batch_size"] = base.get("eval_batch_size") or base.get("batch_size")
+    base["batch_size"] = 1
     if overrides:
         source += " + " + ", ".join(f"data.{k}" for k in sorted(overrides))
     try:
@@ -233,7 +237,7 @@ def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Opti
         "weights": loaded.weights,
         **result.as_dict(),
         "data": {"name": data_cfg.name, "root": data_cfg.root, "source": source, "seed": seed,
-                 "eval_batch_size": data_cfg.eval_batch_size or data_cfg.batch_size},
+                 "eval_batch_size": data_cfg.eval_batch_size},
         "preprocess": built.eval_preprocess,
         "device": device_note(device),
         "recorded_metrics": loaded.metrics or None,

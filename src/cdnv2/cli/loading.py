@@ -121,7 +121,9 @@ def guess_official_variant(state_dict: dict) -> Optional[str]:
         return None
     stages = tuple(len(layers[b]) for b in sorted(layers))
     for name in OFFICIAL_VARIANTS:
-        if tuple(create_model(name).cfg.stages) == stages:
+        with torch.device("meta"):  # the architecture only: no memory, no init cost
+            variant = create_model(name)
+        if tuple(variant.cfg.stages) == stages:
             return name
     return None
 
@@ -144,22 +146,20 @@ def load_checkpoint_any(path: str | Path, *, weights: str = "auto", official: Op
         raise CheckpointError(f"weights={weights!r}: use one of {', '.join(WEIGHTS)}")
     path = Path(path).expanduser()
     obj = read_file(path)
-    if official is not None or (isinstance(obj, dict) and obj.get("format") != "cdnv2"):
-        sd = official_state_dict(obj)
-        if sd is None:
-            if official is not None:
-                raise CheckpointError(
-                    f"checkpoint={path} is not an official CondenseNetV2 file ({_describe(obj)}; expected "
-                    "a dict with state_dict whose keys start with features./module.features.)"
-                )
+    if isinstance(obj, dict) and obj.get("format") == "cdnv2" and official is None:
+        return _load_cdnv2(path, obj, weights)
+    sd = official_state_dict(obj)
+    if sd is None:
+        if official is not None:
             raise CheckpointError(
-                f"checkpoint={path} is not a cdnv2 checkpoint or an official CondenseNetV2 file "
-                f"(it holds {_describe(obj)})"
+                f"checkpoint={path} is not an official CondenseNetV2 file (it holds {_describe(obj)}; "
+                "expected a dict with state_dict whose keys start with features. or module.features.)"
             )
-        return _load_official(path, obj, sd, weights, official)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint={path} is not a cdnv2 checkpoint (it holds {_describe(obj)})")
-    return _load_cdnv2(path, obj, weights)
+        raise CheckpointError(
+            f"checkpoint={path} is not a cdnv2 checkpoint or an official CondenseNetV2 file "
+            f"(it holds {_describe(obj)})"
+        )
+    return _load_official(path, obj, sd, weights, official)
 
 
 def _load_cdnv2(path: Path, obj: dict, weights: str) -> Loaded:
