@@ -103,13 +103,12 @@ def test_shapes_deterministic_balanced_and_fast():
     t0 = time.perf_counter()
     x, y = make_shapes(12000, seed=5)
     elapsed = time.perf_counter() - t0
-    assert elapsed < 10, f"generating 12k shapes took {elapsed:.1f}s"
+    assert elapsed < 10, f"generating 12k shapes took {elapsed:.1f}s"  # ~0.5 s on 2 idle cores
     assert x.shape == (12000, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
     assert torch.bincount(y, minlength=10).tolist() == [1200] * 10
-    x2, y2 = make_shapes(12000, seed=5)
-    assert torch.equal(x, x2) and torch.equal(y, y2)
-    x3, _ = make_shapes(12000, seed=6)
-    assert not torch.equal(x, x3)
+    a, b = make_shapes(500, seed=5), make_shapes(500, seed=5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], make_shapes(500, seed=6)[0])
     counts = torch.bincount(make_shapes(1003, seed=0)[1], minlength=10)
     assert counts.max() - counts.min() <= 1 and counts.sum() == 1003
     # Colours vary per image: no class is identifiable by its mean colour.

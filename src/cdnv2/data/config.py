@@ -26,7 +26,7 @@ class DataConfig:
     eval_batch_size: Optional[int] = None  # global eval batch; None: batch_size
     num_workers: int = 0  # loader processes per rank; results do not depend on it
     image_size: int = 32  # train crop and eval crop (pixels, square)
-    eval_resize: Optional[int] = None  # eval: resize the short side first (256 for 224 crops)
+    eval_resize: Optional[int] = None  # eval: short side before the crop (256 for 224); None: image_size
     interpolation: str = "bilinear"  # nearest | bilinear | bicubic, train and eval resizing
     mean: Optional[list[float]] = None  # per-channel normalisation; None: the dataset's own
     std: Optional[list[float]] = None  # same, standard deviation

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from . import cifar, folders, shapes
 from .config import DATASETS, ON_CORRUPT, DataConfig, DataError
 from .samplers import ShardSampler, TrainBatchSampler, mix_seed
-from .transforms import build_eval_transform, build_train_transform, eval_preprocess
+from .transforms import build_eval_transform, build_train_transform, eval_preprocess, interpolation_mode
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ def _check_config(cfg: DataConfig, rank: int, world_size: int) -> None:
         close = difflib.get_close_matches(cfg.name, DATASETS, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise DataError(f"Unknown data={cfg.name!r}; {hint}known datasets: {', '.join(DATASETS)}.")
+    interpolation_mode(cfg.interpolation)
     if cfg.on_corrupt not in ON_CORRUPT:
         raise DataError(f"data.on_corrupt={cfg.on_corrupt!r} is not one of {', '.join(ON_CORRUPT)}.")
     if not 0 <= rank < world_size:
