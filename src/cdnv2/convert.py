@@ -28,6 +28,7 @@ from .layers import CondensingConv1x1, LearnedGroupConv, LearnedLinear, SparseFe
 from .layers.compact import (
     CompactDenseBlock,
     CompactDenseLayer,
+    CompactFeatures,
     CompactLGC,
     CompactLinear,
     CompactSFR,
@@ -124,15 +125,24 @@ def _to_eval_sfr(m: nn.Module | None) -> CompactSFR | None:
     return CompactSFR.from_masked(m)
 
 
+def _retype_sequential(model: nn.Module, name: str, seq: nn.Sequential, cls: type) -> None:
+    new = cls()
+    for child_name, child in seq.named_children():
+        new.add_module(child_name, child)
+    new.train(seq.training)
+    if name:
+        _set_child(model, name, new)
+
+
 def _blocks_to_compact(model: nn.Module) -> None:
-    """Dense blocks whose layers are all compact run fused: CompactDenseBlock."""
+    """Dense blocks whose layers are all compact run fused (CompactDenseBlock), and so
+    does the Sequential holding them (CompactFeatures: transitions fused)."""
     for name, m in list(model.named_modules()):
         if type(m) is nn.Sequential and len(m) and all(isinstance(c, CompactDenseLayer) for c in m):
-            block = CompactDenseBlock()
-            for child_name, child in m.named_children():
-                block.add_module(child_name, child)
-            block.train(m.training)
-            _set_child(model, name, block)
+            _retype_sequential(model, name, m, CompactDenseBlock)
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.Sequential and any(isinstance(c, CompactDenseBlock) for c in m):
+            _retype_sequential(model, name, m, CompactFeatures)
 
 
 # ----------------------------------------------------------------------------- convert

@@ -379,6 +379,20 @@ class CompactDenseBlock(nn.Sequential):
         return super().forward(x)
 
 
+class CompactFeatures(nn.Sequential):
+    """A feature extractor holding :class:`CompactDenseBlock` s (e.g. ``model.features``).
+
+    In eval/no-grad, a 2x2 average-pool transition writes its output straight into the
+    next block's buffer, and block buffers that only feed a transition or a BN come from
+    the reusable workspace. Otherwise it is a plain ``nn.Sequential``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fast_ok(self):
+            return _fast_features_forward(self, x)
+        return super().forward(x)
+
+
 def _fast_ok(module: nn.Module) -> bool:
     """The fused path runs in eval mode without autograd and without hooks to observe."""
     if module.training or torch.is_grad_enabled():
@@ -391,29 +405,39 @@ def _fast_ok(module: nn.Module) -> bool:
     return True
 
 
+
+
 # ============================================================================= fused path
-# Eval + no_grad only. Every dense layer of a block writes into one block buffer
-# (B, c_out, H, W): the layer reads x = buf[:, :c], adds its SFR output into that slice in
-# place and writes h into buf[:, c:c+k], so there are no concatenation copies. Large
-# scratch tensors come from one workspace per block, so the big activations are not
-# allocated (and page-faulted) op by op. Folds, all exact up to float rounding:
-# - the 3x3 unit's BN (conv_2.norm) is affine right after the LGC conv: folded into the
+# Eval + no_grad only; the same math as the modules above, in fewer passes over memory.
+# Every dense layer of a block writes into one block buffer (B, c_out, H, W): it reads
+# x = buf[:, :c], adds its SFR output into that slice in place and writes h into
+# buf[:, c:c+k], so there are no concatenation copies. Scratch tensors come from a
+# per-thread workspace kept between calls: at batch 32 the early activations exceed
+# glibc's mmap threshold, and a fresh allocation costs page faults worth ~10 passes.
+# Folds (exact up to float rounding):
+# - the 3x3 unit's BN (conv_2.norm) is affine right after the LGC conv: it goes into the
 #   GEMM weights and a bias (the shuffle only permutes channels);
-# - relu(s*x + t) == s * clamp(x, lo, hi) + t' per channel (lo/hi from the sign of s):
-#   the LGC's input BN + ReLU becomes one clamp, with s folded into the weights and
-#   t' into the bias;
-# - the LGC can run as a dense GEMM over all inputs (zeros where pruned; no gather, no
-#   shuffle) and the SFR as a dense GEMM accumulated into x (baddbmm, no scatter):
-#   cheaper for the narrow early layers, where everything is memory-bound.
+# - relu(s*x + t) == s * clamp(x, lo, hi) + t' per channel (lo/hi by the sign of s): the
+#   LGC's input BN + ReLU becomes one clamp, s goes into the weights, t' into the bias;
+# - relu(y + b) == max(y, -b) + b: with ReLU before the 3x3 conv, the bias is pushed
+#   through it as a fixed (k, H, W) map (zero padding makes it vary at the border), added
+#   while h is written into the block buffer;
+# - the gather reads rows of the (B * width, H * W) buffer (a fast row copy), and the
+#   transition's 2x2 average pool is two strided adds into the next block's buffer.
+# Narrow LGCs may run as one dense GEMM over all inputs (zeros where pruned: no gather,
+# no shuffle) and narrow SFRs as one GEMM accumulated into x (baddbmm, no scatter).
 
 import threading  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 _INF = float("inf")
+# Keep scratch memory between calls (per thread). False: allocate per call.
+KEEP_WORKSPACE = True
+_THREAD = threading.local()
 
 
-def _bn_affine(bn: nn.Module, channels: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Eval-mode BN as (scale, shift) in float64; None if it is not a plain affine map."""
+def _bn_affine(bn: nn.Module, channels: int, like: torch.Tensor):
+    """Eval-mode BN as float64 (scale, shift); None if it is not a fixed affine map."""
     if isinstance(bn, nn.Identity):
         return like.new_ones(channels, dtype=torch.float64), like.new_zeros(channels, dtype=torch.float64)
     if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None:
@@ -428,16 +452,18 @@ def _bn_affine(bn: nn.Module, channels: int, like: torch.Tensor) -> tuple[torch.
 
 
 def _relu_fold(s: torch.Tensor, t: torch.Tensor):
-    """relu(s*x + t) == s_eff * clamp(x, lo, hi) + t_eff, channel by channel."""
+    """relu(s*x + t) == s_eff * clamp(x, lo, hi) + t_eff, channel by channel.
+
+    s > 0: lo = -t/s; s < 0: hi = -t/s; s == 0 (or -t/s out of range): a constant
+    channel, s_eff = 0 and t_eff = relu(t), no clamp.
+    """
     ratio = -t / s
     const = (s == 0) | ~torch.isfinite(ratio) | (ratio.abs() > 1e30)
-    lo = torch.where(s > 0, ratio, torch.full_like(s, -_INF))
-    hi = torch.where(s < 0, ratio, torch.full_like(s, _INF))
-    lo = torch.where(const, torch.zeros_like(s), lo)
-    hi = torch.where(const, torch.zeros_like(s), hi)
+    lo = torch.where((s > 0) & ~const, ratio, torch.full_like(s, -_INF))
+    hi = torch.where((s < 0) & ~const, ratio, torch.full_like(s, _INF))
     s_eff = torch.where(const, torch.zeros_like(s), s)
     t_eff = torch.where(const, t.clamp_min(0), t)
-    return lo, hi, s_eff, t_eff
+    return lo, hi, s_eff, t_eff, bool(((s < 0) & ~const).any())
 
 
 def _act_kind(act: nn.Module) -> str:
@@ -468,52 +494,99 @@ def _act_into(kind: str, module: nn.Module, src: torch.Tensor, out: torch.Tensor
 
 @dataclass
 class _Plan:
-    lgc_mode: str
-    sfr_mode: str | None
+    """Tensors the fused path derives from one layer's parameters (rebuilt on change)."""
+
+    lgc_mode: str  # "grouped" | "dense"
+    sfr_mode: str | None  # "grouped" | "dense" | None (no SFR)
     act1: str
     act2: str
     act3: str | None
-    # LGC
-    idx1: torch.Tensor | None = None
-    lo: torch.Tensor | None = None
-    hi: torch.Tensor | None = None
-    s1: torch.Tensor | None = None
+    idx1: torch.Tensor | None = None  # grouped: selected input channels
+    lo: torch.Tensor | None = None  # relu: clamp bounds of the LGC input
+    hi: torch.Tensor | None = None  # only when some BN scale is negative
+    s1: torch.Tensor | None = None  # other acts: BN of the LGC input
     t1: torch.Tensor | None = None
-    w1: torch.Tensor | None = None
-    b1: torch.Tensor | None = None
-    # SFR
+    w1: torch.Tensor | None = None  # (G, O/G, m) grouped or (O, c) dense, BNs folded
+    b1: torch.Tensor | None = None  # LGC output bias (grouped or dense layout)
+    bias_through: bool = False  # relu before the 3x3: max(y, -b) and a bias map after
+    nb1: torch.Tensor | None = None  # -b1 laid out like the post-op's input
+    b_int: torch.Tensor | None = None  # b1 in interleaved order, for the bias map
     s3: torch.Tensor | None = None
     t3: torch.Tensor | None = None
     ws: torch.Tensor | None = None
     idx_s: torch.Tensor | None = None
+    conv3_mode: str = "conv"  # "conv" (oneDNN grouped) | "depthwise" (per-output dw + sum)
+    w_dw: list = field(default_factory=list)  # depthwise weights, one per output of a group
+    maps: dict = field(default_factory=dict)
+    rows: dict = field(default_factory=dict)
+
+    def gather_rows(self, batch: int, width: int) -> torch.Tensor:
+        """Row indices into the (B * width, HW) buffer view for the gather."""
+        key = (batch, width)
+        rows = self.rows.get(key)
+        if rows is None:
+            base = torch.arange(batch, device=self.idx1.device) * width
+            rows = (base[:, None] + self.idx1[None, :]).reshape(-1)
+            if len(self.rows) > 8:
+                self.rows.clear()
+            self.rows[key] = rows
+        return rows
+
+    def bias_map(self, conv3: nn.Conv2d, hgt: int, wid: int) -> torch.Tensor:
+        """conv3x3 of the constant LGC bias (zero padded): (1, k, H, W)."""
+        m = self.maps.get((hgt, wid))
+        if m is None:
+            const = self.b_int.view(1, -1, 1, 1).expand(1, -1, hgt, wid)
+            m = F.conv2d(const, conv3.weight, conv3.bias, 1, 1, 1, conv3.groups)
+            if len(self.maps) > 8:
+                self.maps.clear()
+            self.maps[(hgt, wid)] = m
+        return m
 
 
-def _plan_sources(layer: "CompactDenseLayer") -> list[torch.Tensor]:
-    mods = [layer.conv_1, layer.conv_2.norm] + ([layer.sfr] if layer.sfr is not None else [])
-    out = []
-    for m in mods:
-        out += list(m.parameters()) + list(m.buffers())
-    return out
+def _default_lgc_mode(layer: "CompactDenseLayer") -> str:
+    # Measured on a 2-core x86 CPU at batch 32: one dense GEMM beats gather + grouped
+    # GEMM + shuffle while the dense multiply-adds stay small (the early, narrow layers).
+    lgc = layer.conv_1
+    return "dense" if lgc.in_channels * lgc.out_channels <= 512 else "grouped"
+
+
+def _default_sfr_mode(layer: "CompactDenseLayer") -> str:
+    sfr = layer.sfr
+    return "dense" if sfr.out_channels * sfr.in_channels <= 128 else "grouped"
+
+
+def _default_conv3_mode(layer: "CompactDenseLayer", pixels: int) -> str:
+    # oneDNN runs 3x3 convs with 4-8 input channels per group as im2col + GEMM, 3-5x
+    # slower than its depthwise kernel. With n outputs per group, the grouped conv equals
+    # n depthwise convs (one per output of a group), each summed over the group's
+    # inputs: worth it for n == 1, and for n == 2 at 56x56 and above.
+    conv3 = layer.conv_2.conv
+    n = conv3.out_channels // conv3.groups
+    return "depthwise" if n == 1 or (n == 2 and pixels >= 56 * 56) else "conv"
 
 
 def _layer_modes(layer: "CompactDenseLayer") -> tuple[str, str | None]:
-    """Dense or grouped kernels for the LGC and the SFR (set by measurement or by rule)."""
     modes = getattr(layer, "fast_modes", None) or {}
     lgc = modes.get("lgc") or _default_lgc_mode(layer)
     sfr = None if layer.sfr is None else (modes.get("sfr") or _default_sfr_mode(layer))
     return lgc, sfr
 
 
-def _default_lgc_mode(layer: "CompactDenseLayer") -> str:
-    # Measured on a 2-core x86 CPU: the dense GEMM wins while its extra multiply-adds are
-    # fewer than ~the gather and shuffle passes it saves, i.e. for narrow inputs.
-    lgc = layer.conv_1
-    return "dense" if lgc.in_channels * lgc.out_channels <= 24 * 32 else "grouped"
+def _conv3_mode(layer: "CompactDenseLayer", plan: "_Plan", pixels: int) -> str:
+    mode = (getattr(layer, "fast_modes", None) or {}).get("conv3") or _default_conv3_mode(layer, pixels)
+    return mode if plan.w_dw else "conv"
 
 
-def _default_sfr_mode(layer: "CompactDenseLayer") -> str:
-    sfr = layer.sfr
-    return "dense" if sfr.out_channels * sfr.in_channels <= 512 * 16 else "grouped"
+def _fold_lgc_input(plan: _Plan, s1: torch.Tensor, t1: torch.Tensor, dt: torch.dtype):
+    """Per-input (weight scale, bias shift) that the GEMM absorbs for the LGC's BN + act."""
+    if plan.act1 == "relu":
+        lo, hi, s_eff, t_eff, neg = _relu_fold(s1, t1)
+        plan.lo = lo.to(dt)[:, None]
+        plan.hi = hi.to(dt)[:, None] if neg else None
+        return s_eff, t_eff
+    plan.s1, plan.t1 = s1.to(dt)[:, None], t1.to(dt)[:, None]
+    return torch.ones_like(s1), torch.zeros_like(t1)
 
 
 def _build_plan(layer: "CompactDenseLayer") -> _Plan | None:
@@ -522,52 +595,50 @@ def _build_plan(layer: "CompactDenseLayer") -> _Plan | None:
     if conv3.stride != (1, 1) or conv3.padding != (1, 1) or conv3.dilation != (1, 1):
         return None
     dt = lgc.conv.weight.dtype
-    lgc_mode, sfr_mode = _layer_modes(layer)
     bn1 = _bn_affine(lgc.norm, lgc.selected, lgc.conv.weight)
     bn2 = _bn_affine(pre3.norm, lgc.out_channels, lgc.conv.weight)
     if bn1 is None or bn2 is None:
         return None
-    plan = _Plan(lgc_mode, sfr_mode, _act_kind(lgc.act), _act_kind(pre3.act),
-                 _act_kind(layer.sfr.act) if layer.sfr is not None else None)
+    lgc_mode, sfr_mode = _layer_modes(layer)
     g, o, c = lgc.groups, lgc.out_channels, lgc.in_channels
     n, m = o // g, lgc.selected // g
     idx = lgc.long_index()
-    w = lgc.conv.weight.double().reshape(g, n, m)
-    s1, t1 = bn1
-    s2, t2 = bn2
-    if lgc_mode == "dense":
-        # Per input channel BN; the copies of one source channel must agree.
+    (s1, t1), (s2, t2) = bn1, bn2
+    if lgc_mode == "dense":  # BN per input channel: the copies of a channel must agree
         s_full = s1.new_zeros(c).index_copy(0, idx, s1)
         t_full = t1.new_zeros(c).index_copy(0, idx, t1)
         if not (torch.equal(s_full[idx], s1) and torch.equal(t_full[idx], t1)):
-            plan.lgc_mode = lgc_mode = "grouped"
+            lgc_mode = "grouped"
+    plan = _Plan(lgc_mode, sfr_mode, _act_kind(lgc.act), _act_kind(pre3.act),
+                 _act_kind(layer.sfr.act) if layer.sfr is not None else None)
+    w = lgc.conv.weight.double().reshape(g, n, m)
     if lgc_mode == "dense":
         wd = w.new_zeros(n, g, c)
         for gi in range(g):
             wd[:, gi, idx[gi * m:(gi + 1) * m]] = w[gi]
         wd = wd.reshape(o, c)  # interleaved rows: output d*G+g
-        if plan.act1 == "relu":
-            lo, hi, se, te = _relu_fold(s_full, t_full)
-            plan.lo, plan.hi = lo.to(dt)[:, None], hi.to(dt)[:, None]
-            plan.w1 = (s2[:, None] * wd * se[None, :]).to(dt)
-            plan.b1 = (s2 * (wd @ te) + t2).to(dt)[:, None]
-        else:
-            plan.s1, plan.t1 = s_full.to(dt)[:, None], t_full.to(dt)[:, None]
-            plan.w1 = (s2[:, None] * wd).to(dt)
-            plan.b1 = t2.to(dt)[:, None]
+        se, te = _fold_lgc_input(plan, s_full, t_full, dt)
+        plan.w1 = (s2[:, None] * wd * se[None, :]).to(dt)
+        b = s2 * (wd @ te) + t2
+        plan.b_int = b
+        plan.b1 = b.to(dt)[:, None]
+        plan.nb1 = (-b).to(dt)[:, None]
     else:
+        plan.idx1 = idx
         perm = torch.arange(o, device=idx.device).view(n, g).t().reshape(-1)  # grouped <- interleaved
         s2g, t2g = s2[perm].view(g, n), t2[perm].view(g, n)
-        plan.idx1 = idx
-        if plan.act1 == "relu":
-            lo, hi, se, te = _relu_fold(s1, t1)
-            plan.lo, plan.hi = lo.to(dt)[:, None], hi.to(dt)[:, None]
-            plan.w1 = (s2g[:, :, None] * w * se.view(g, 1, m)).to(dt)
-            plan.b1 = (s2g * (w @ te.view(g, m, 1))[..., 0] + t2g).to(dt).view(1, g, n, 1)
-        else:
-            plan.s1, plan.t1 = s1.to(dt)[:, None], t1.to(dt)[:, None]
-            plan.w1 = (s2g[:, :, None] * w).to(dt)
-            plan.b1 = t2g.to(dt).view(1, g, n, 1)
+        se, te = _fold_lgc_input(plan, s1, t1, dt)
+        plan.w1 = (s2g[:, :, None] * w * se.view(g, 1, m)).to(dt)
+        b = s2g * (w @ te.view(g, m, 1))[..., 0] + t2g  # (G, n)
+        plan.b_int = b.t().reshape(-1)
+        plan.b1 = b.to(dt).view(1, g, n, 1)
+        plan.nb1 = (-b).to(dt).t().reshape(1, n, g, 1)  # for the transposed (shuffled) view
+    plan.bias_through = plan.act2 == "relu" and isinstance(layer.se, nn.Identity)
+    if conv3.kernel_size == (3, 3) and conv3.out_channels // conv3.groups <= 2:
+        g3, n3 = conv3.groups, conv3.out_channels // conv3.groups
+        w3 = conv3.weight.reshape(g3, n3, conv3.in_channels // g3, 3, 3)
+        plan.w_dw = [w3[:, j].reshape(conv3.in_channels, 1, 3, 3).contiguous() for j in range(n3)]
+    plan.b_int = plan.b_int.to(dt)
     if layer.sfr is not None:
         sfr = layer.sfr
         bn3 = _bn_affine(sfr.norm, sfr.in_channels, sfr.conv.weight)
@@ -578,7 +649,7 @@ def _build_plan(layer: "CompactDenseLayer") -> _Plan | None:
         if sfr_mode == "dense":
             plan.s3, plan.t3 = s3[:, None], t3[:, None]
             plan.ws = sfr.dense_weight().to(dt)
-        else:
+        else:  # BN in the interleaved -> grouped order of the conv's input
             plan.s3 = s3.view(k // gs, gs).t().reshape(1, gs, k // gs, 1).contiguous()
             plan.t3 = t3.view(k // gs, gs).t().reshape(1, gs, k // gs, 1).contiguous()
             plan.ws = sfr.conv.weight.reshape(gs, sfr.produced // gs, k // gs)
@@ -587,7 +658,8 @@ def _build_plan(layer: "CompactDenseLayer") -> _Plan | None:
 
 
 def _get_plan(layer: "CompactDenseLayer") -> _Plan | None:
-    sources = _plan_sources(layer)
+    mods = [layer.conv_1, layer.conv_2] + ([layer.sfr] if layer.sfr is not None else [])
+    sources = [t for mod in mods for t in (*mod.parameters(), *mod.buffers())]
     key = (tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in sources),
            tuple(sorted((getattr(layer, "fast_modes", None) or {}).items())))
     cached = layer.__dict__.get("_fast_plan")
@@ -598,7 +670,7 @@ def _get_plan(layer: "CompactDenseLayer") -> _Plan | None:
 
 
 class _Workspace:
-    """Named scratch tensors, reused by all layers of a block (and across calls)."""
+    """Named scratch tensors, reused by all layers (and, per thread, across calls)."""
 
     def __init__(self):
         self.bufs: dict[str, torch.Tensor] = {}
@@ -607,6 +679,7 @@ class _Workspace:
         for name, numel in sizes.items():
             t = self.bufs.get(name)
             if t is None or t.numel() < numel or t.dtype != like.dtype or t.device != like.device:
+                self.bufs.pop(name, None)  # free the old one before allocating
                 self.bufs[name] = like.new_empty(numel)
 
     def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -614,12 +687,6 @@ class _Workspace:
         for s in shape:
             numel *= s
         return self.bufs[name][:numel].view(shape)
-
-
-_THREAD = threading.local()
-# Keep scratch memory between calls (per thread): large fresh allocations are mmap'ed
-# and page-faulted on every call, which costs more than the arithmetic at batch 32.
-KEEP_WORKSPACE = True
 
 
 def _workspace() -> _Workspace:
@@ -632,7 +699,7 @@ def _workspace() -> _Workspace:
 
 
 def release_workspace() -> None:
-    """Free this thread's scratch memory of the fused path."""
+    """Free the calling thread's scratch memory of the fused path."""
     _THREAD.ws = None
 
 
@@ -640,7 +707,7 @@ def _reserve_for(layers: list, batch: int, pixels: int, like: torch.Tensor, ws: 
     need = {"sel": 0, "y": 0, "y2": 0, "a3": 0, "s": 0}
     for layer in layers:
         lgc = layer.conv_1
-        need["sel"] = max(need["sel"], max(lgc.selected, lgc.in_channels))
+        need["sel"] = max(need["sel"], lgc.selected, lgc.in_channels)
         need["y"] = max(need["y"], lgc.out_channels)
         need["y2"] = max(need["y2"], lgc.out_channels)
         if layer.sfr is not None:
@@ -649,49 +716,80 @@ def _reserve_for(layers: list, batch: int, pixels: int, like: torch.Tensor, ws: 
     ws.reserve(like, {k: v * batch * pixels for k, v in need.items() if v})
 
 
+def _clamp_(t: torch.Tensor, plan: _Plan) -> None:
+    t.clamp_(min=plan.lo)  # one bound per pass: two tensor bounds at once are ~5x slower
+    if plan.hi is not None:
+        t.clamp_(max=plan.hi)
+
+
 def _layer_into(layer: "CompactDenseLayer", plan: _Plan, buf: torch.Tensor, c: int, ws: _Workspace) -> None:
-    """Run ``layer`` on buf[:, :c]; write h to buf[:, c:c+k], reactivate buf[:, :c] in place."""
-    b, _, hgt, wid = buf.shape
+    """Run ``layer`` on buf[:, :c]: h goes to buf[:, c:c+k], buf[:, :c] is reactivated."""
+    b, width, hgt, wid = buf.shape
     hw = hgt * wid
     lgc = layer.conv_1
     g, o = lgc.groups, lgc.out_channels
     n = o // g
-    xv = buf[:, :c].flatten(2)  # (B, c, HW), batch stride = buffer width
-    # ---- LGC (+ the 3x3 unit's BN, folded) -> y2: act(BN2(conv1(...))) in interleaved order
+    xv = buf[:, :c].flatten(2)  # (B, c, HW); batch stride = buffer width
+    # ---- LGC with the 3x3 unit's BN folded -> y2 = act2(BN2(lgc(x))) (minus the bias
+    # when it is pushed through the 3x3 conv), interleaved channel order
+    y2 = ws.get("y2", (b, o, hw))
     if plan.lgc_mode == "dense":
         a = ws.get("sel", (b, c, hw))
         if plan.act1 == "relu":
-            torch.clamp(xv, min=plan.lo, max=plan.hi, out=a)
+            torch.clamp(xv, min=plan.lo, out=a)
+            if plan.hi is not None:
+                a.clamp_(max=plan.hi)
         else:
             torch.addcmul(plan.t1, xv, plan.s1, out=a)
             _apply_act_(plan.act1, lgc.act, a)
-        y2 = ws.get("y2", (b, o, hw))
         torch.matmul(plan.w1, a, out=y2)
-        y2.add_(plan.b1)
-        _apply_act_(plan.act2, layer.conv_2.act, y2)
+        if plan.bias_through:
+            y2.clamp_(min=plan.nb1)
+        else:
+            y2.add_(plan.b1)
+            _apply_act_(plan.act2, layer.conv_2.act, y2)
     else:
         sel = ws.get("sel", (b, lgc.selected, hw))
-        torch.index_select(xv, 1, plan.idx1, out=sel)
+        rows = plan.gather_rows(b, width)
+        torch.index_select(buf.view(b * width, hw), 0, rows, out=sel.view(b * lgc.selected, hw))
         if plan.act1 == "relu":
-            sel.clamp_(min=plan.lo, max=plan.hi)
+            _clamp_(sel, plan)
         else:
             torch.addcmul(plan.t1, sel, plan.s1, out=sel)
             _apply_act_(plan.act1, lgc.act, sel)
         y = ws.get("y", (b, g, n, hw))
         torch.matmul(plan.w1, sel.view(b, g, lgc.selected // g, hw), out=y)
-        y.add_(plan.b1)
-        y2 = ws.get("y2", (b, o, hw))
-        _act_into(plan.act2, layer.conv_2.act, y.transpose(1, 2), y2.view(b, n, g, hw))
+        y_shuffled, y2v = y.transpose(1, 2), y2.view(b, n, g, hw)
+        if plan.bias_through:
+            torch.clamp(y_shuffled, min=plan.nb1, out=y2v)
+        else:
+            y.add_(plan.b1)
+            _act_into(plan.act2, layer.conv_2.act, y_shuffled, y2v)
+    # ---- 3x3 grouped conv (+ SE) -> h, written into the block buffer
     conv3 = layer.conv_2.conv
-    h = F.conv2d(y2.view(b, o, hgt, wid), conv3.weight, conv3.bias, 1, 1, 1, conv3.groups)
-    h = layer.se(h)
-    k = h.shape[1]
-    buf[:, c:c + k].copy_(h)
-    # ---- SFR: x += scatter(conv(act(BN3(h))))
+    k = conv3.out_channels
+    hbuf = buf[:, c:c + k]
+    if _conv3_mode(layer, plan, hw) == "depthwise":
+        _conv3_depthwise_into(y2.view(b, o, hgt, wid), plan.w_dw, conv3.groups, hbuf)
+        if plan.bias_through:
+            hbuf.add_(plan.bias_map(conv3, hgt, wid))
+        else:
+            if conv3.bias is not None:
+                hbuf.add_(conv3.bias.view(1, -1, 1, 1))
+            if not isinstance(layer.se, nn.Identity):
+                hbuf.copy_(layer.se(hbuf))
+    else:
+        h = F.conv2d(y2.view(b, o, hgt, wid), conv3.weight, None if plan.bias_through else conv3.bias,
+                     1, 1, 1, conv3.groups)
+        if plan.bias_through:
+            torch.add(h, plan.bias_map(conv3, hgt, wid), out=hbuf)
+        else:
+            hbuf.copy_(layer.se(h))
     if layer.sfr is None:
         return
+    # ---- SFR: x += scatter(conv(act(BN3(h))))
     sfr = layer.sfr
-    hv = h.reshape(b, k, hw)
+    hv = hbuf.flatten(2)
     if plan.sfr_mode == "dense":
         a3 = ws.get("a3", (b, k, hw))
         torch.addcmul(plan.t3, hv, plan.s3, out=a3)
@@ -707,15 +805,62 @@ def _layer_into(layer: "CompactDenseLayer", plan: _Plan, buf: torch.Tensor, c: i
         xv.index_add_(1, plan.idx_s, s.view(b, sfr.produced, hw))
 
 
-def _run_layers(layers: list, x: torch.Tensor) -> torch.Tensor | None:
+def _conv3_depthwise_into(y: torch.Tensor, w_dw: list, groups: int, out: torch.Tensor) -> None:
+    """out = grouped 3x3 conv of y (no bias) as depthwise convs summed over each group.
+
+    Runs a few images at a time so the depthwise output (as wide as y) stays ~2 MB:
+    cache-resident and reused from the heap instead of freshly page-faulted.
+    """
+    b, o, hgt, wid = y.shape
+    hw = hgt * wid
+    n, m = len(w_dw), o // groups
+    step = max(1, (2 << 20) // (o * hw * y.element_size()))
+    for s in range(0, b, step):
+        y_s = y[s:s + step]
+        o_s = out[s:s + step].flatten(2).view(-1, groups, n, hw)
+        for j, w in enumerate(w_dw):
+            d = F.conv2d(y_s, w, None, 1, 1, 1, o)
+            torch.sum(d.view(-1, groups, m, hw), 2, out=o_s[:, :, j])
+
+
+def _is_pool2(m: nn.Module) -> bool:
+    """A plain 2x2 / stride-2 average pool (what the dense-net transitions are)."""
+    two = (2, (2, 2))
+    return (isinstance(m, nn.AvgPool2d) and m.kernel_size in two and m.stride in two
+            and m.padding in (0, (0, 0)) and not m.ceil_mode and m.divisor_override is None)
+
+
+def _pool2_into(x: torch.Tensor, out: torch.Tensor, ws: _Workspace) -> None:
+    """out = avg_pool2d(x, 2): two strided adds (avg_pool2d itself is ~5x slower here)."""
+    b, c, hgt, wid = x.shape
+    h2, w2 = hgt // 2, wid // 2
+    x = x[:, :, :2 * h2, :2 * w2]
+    ws.reserve(x, {"pool": b * c * h2 * 2 * w2})
+    rows = ws.get("pool", (b, c, h2, 2 * w2))
+    torch.add(x[:, :, 0::2], x[:, :, 1::2], out=rows)
+    torch.add(rows[..., 0::2], rows[..., 1::2], out=out)
+    out.mul_(0.25)
+
+
+def _run_block(layers: list, x: torch.Tensor, *, pool: bool = False, buffer_name: str | None = None):
+    """Fused block: input (optionally 2x2-pooled first) -> block buffer. None if not foldable."""
     plans = [_get_plan(layer) for layer in layers]
     if any(p is None for p in plans):
         return None
     b, c, hgt, wid = x.shape
+    if pool:
+        hgt, wid = hgt // 2, wid // 2
     width = c + sum(layer.growth for layer in layers)
-    buf = x.new_empty(b, width, hgt, wid)
-    buf[:, :c].copy_(x)
     ws = _workspace()
+    if buffer_name is not None and KEEP_WORKSPACE:
+        ws.reserve(x, {buffer_name: b * width * hgt * wid})
+        buf = ws.get(buffer_name, (b, width, hgt, wid))
+    else:
+        buf = x.new_empty(b, width, hgt, wid)
+    if pool:
+        _pool2_into(x, buf[:, :c], ws)
+    else:
+        buf[:, :c].copy_(x)
     _reserve_for(layers, b, hgt * wid, buf, ws)
     for layer, plan in zip(layers, plans):
         _layer_into(layer, plan, buf, c, ws)
@@ -723,9 +868,13 @@ def _run_layers(layers: list, x: torch.Tensor) -> torch.Tensor | None:
     return buf
 
 
+def _sequential(block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    return nn.Sequential.forward(block, x)
+
+
 def _fast_layer_forward(layer: "CompactDenseLayer", x: torch.Tensor) -> torch.Tensor:
-    out = _run_layers([layer], x)
-    if out is None:  # something not foldable (e.g. BN without running stats)
+    out = _run_block([layer], x)
+    if out is None:  # something not foldable (e.g. a BN without running statistics)
         h = layer.se(layer.conv_2(layer.conv_1(x)))
         return torch.cat([layer.sfr(x, h) if layer.sfr is not None else x, h], 1)
     return out
@@ -734,6 +883,29 @@ def _fast_layer_forward(layer: "CompactDenseLayer", x: torch.Tensor) -> torch.Te
 def _fast_block_forward(block: "CompactDenseBlock", x: torch.Tensor) -> torch.Tensor:
     layers = list(block)
     if not all(isinstance(layer, CompactDenseLayer) for layer in layers):
-        return nn.Sequential.forward(block, x)
-    out = _run_layers(layers, x)
-    return nn.Sequential.forward(block, x) if out is None else out
+        return _sequential(block, x)
+    out = _run_block(layers, x)
+    return _sequential(block, x) if out is None else out
+
+
+def _fast_features_forward(seq: "CompactFeatures", x: torch.Tensor) -> torch.Tensor:
+    children = list(seq)
+    pool, flip = False, 0
+    for i, m in enumerate(children):
+        nxt = children[i + 1] if i + 1 < len(children) else None
+        if _is_pool2(m) and isinstance(nxt, CompactDenseBlock):
+            pool = True  # fused into the next block's buffer
+            continue
+        if isinstance(m, CompactDenseBlock) and all(isinstance(layer, CompactDenseLayer) for layer in m):
+            # A buffer that only feeds a transition or a BN may live in the workspace;
+            # the blocks alternate between two so a pool can read one and write the other.
+            internal = nxt is not None and (_is_pool2(nxt) or isinstance(nxt, nn.BatchNorm2d))
+            out = _run_block(list(m), x, pool=pool, buffer_name=f"block{flip}" if internal else None)
+            if out is None:
+                out = m(F.avg_pool2d(x, 2) if pool else x)
+            x, pool, flip = out, False, 1 - flip
+            continue
+        if pool:  # not reached: a fused pool is always followed by a block
+            x, pool = F.avg_pool2d(x, 2), False
+        x = m(x)
+    return x
