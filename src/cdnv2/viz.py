@@ -246,6 +246,7 @@ _PANELS = (
 def plot_curves(series: dict[str, tuple[list[int], list[float]]], path: str | Path, title: str = "") -> Path:
     """Top-1/top-5, losses, learning rate and LGC/SFR density against the step."""
     plt = _pyplot()
+    last_step = max((max(steps) for steps, _ in series.values() if steps), default=0)
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (label, names) in zip(axes.ravel(), _PANELS):
         drawn = False
@@ -254,8 +255,9 @@ def plot_curves(series: dict[str, tuple[list[int], list[float]]], path: str | Pa
                 continue
             steps, values = series[name]
             if name.startswith("condense/density"):
-                # Logged at each condensation step; every mask starts fully dense.
-                steps, values = [0, *steps], [1.0, *values]
+                # Logged at each condensation step: every mask starts dense, the last
+                # density holds to the end of the run.
+                steps, values = [0, *steps, max(last_step, steps[-1])], [1.0, *values, values[-1]]
                 ax.step(steps, values, where="post", marker="o", markersize=3, label=name)
             else:
                 ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=name)

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import convert as convert_mod
 from ..benchmark import compare_costs, cost_rows, device_note, format_grid
+from ..condense import condensing_layers
 from ..data import DataError
 from ..engine.checkpoint import atomic_save
 from ..errors import ConfigError
@@ -128,6 +129,14 @@ def run(cfg: ConvertConfig) -> dict:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(cfg.parity_samples, *size, generator=g)
         masked = loaded.model
+        early = [(n, m) for n, m in condensing_layers(masked) if not m.fully_condensed]
+        if early:
+            name, layer = early[0]
+            raise ConfigError(
+                f"{loaded.path} was saved before the last condensation step ({name} is at stage "
+                f"{int(layer.stage)} of {layer.num_steps}), so it has no compact form yet; convert a "
+                "checkpoint from the second half of training, e.g. checkpoints/last.pt of a finished run"
+            )
         try:
             compact = convert_mod.convert_model(masked, example_input=x, check=False)
         except ValueError as e:

@@ -7,6 +7,7 @@ empty, truncated or foreign file, unknown official layout.
 """
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,15 +77,37 @@ def read_file(path: str | Path) -> Any:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint={path} is empty (0 bytes): it was never written completely")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_data_only_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of foreign objects, random bytes ...
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if unsafe:
+            raise CheckpointError(
+                f"checkpoint={path} cannot be read safely: it holds a Python object of type "
+                f"{unsafe.group(1)}, and only tensors and plain data are loaded (torch.load "
+                "weights_only=True). Re-save just its state dict, e.g. torch.save({'state_dict': "
+                "ckpt['state_dict']}, path), if you trust the file"
+            ) from None
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            why = ("it holds Python objects other than tensors and plain containers, which are not "
-                   "loaded for safety (torch.load weights_only=True)")
-        else:
-            why = "it is truncated, corrupted or not a PyTorch checkpoint"
-        raise CheckpointError(f"checkpoint={path} cannot be read ({type(e).__name__}: {first}); {why}") from None
+        raise CheckpointError(
+            f"checkpoint={path} cannot be read ({type(e).__name__}: {first}); it is truncated, corrupted "
+            "or not a PyTorch checkpoint"
+        ) from None
+
+
+def _data_only_globals() -> list:
+    """Plain-data classes that official (timm-trained) files pickle beside the weights: the
+    argparse Namespace of the run's arguments and numpy scalars of its metrics."""
+    extra: list = [argparse.Namespace]
+    try:
+        import numpy as np
+
+        core = getattr(np, "_core", None) or np.core
+        extra += [core.multiarray.scalar, np.dtype]
+        extra += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    except (ImportError, AttributeError, TypeError):
+        pass
+    return extra
 
 
 def _describe(obj: Any) -> str:
