@@ -152,7 +152,7 @@ def test_official_variant_is_detected_from_the_keys():
 def test_convert_command_and_torchscript_round_trip(run_dir, tmp_path):
     out = tmp_path / "tiny_compact.pt"
     r = cli("cdnv2-convert", f"checkpoint={run_dir / 'checkpoints/last.pt'}", f"out={out}", "export=torchscript",
-            "threads=1", "bench_seconds=0", "cost_batch=4")
+            "threads=1", "bench=false")  # timings: see the cost report test
     assert r.returncode == 0, r.stderr[-3000:]
     _no_traceback(r)
     for text in ("masked", "compact", "paper-rule FLOPs", "weights file (MB)", "parity: max |diff|", "torchscript"):

@@ -129,6 +129,11 @@ def run(cfg: ConvertConfig) -> dict:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(cfg.parity_samples, *size, generator=g)
         masked = loaded.model
+        if loaded.structure == "masked" and not condensing_layers(masked):
+            raise ConfigError(
+                f"{loaded.path}: {loaded.model_name} has no learned group convolutions, so it has no "
+                "compact form; it can be evaluated and exported as it is"
+            )
         early = [(n, m) for n, m in condensing_layers(masked) if not m.fully_condensed]
         if early:
             name, layer = early[0]

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import convert as convert_mod
 from ..benchmark import compare_costs, cost_rows, device_note, format_grid
+from ..condense import condensing_layers
 from ..data import DataConfig, DataError, build_data
 from ..engine.logger import Progress, format_table
 from ..errors import ConfigError
@@ -162,6 +163,8 @@ def cost_section(loaded: Loaded, device: torch.device, batch: int, seconds: floa
     note = ""
     if loaded.structure == "compact":
         models["compact"] = loaded.model
+    elif loaded.structure == "masked" and not condensing_layers(loaded.model):  # e.g. DenseNet: one form
+        models[loaded.model_name] = loaded.model
     else:
         models["masked"] = masked_reference(loaded)
         try:
