@@ -39,4 +39,6 @@ def load(path) -> dict:
 def assert_same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs"
+        if not torch.equal(a[k], b[k]):
+            diff = (a[k].double() - b[k].double()).abs().max().item()
+            raise AssertionError(f"{k} differs (max abs diff {diff:.3g})")

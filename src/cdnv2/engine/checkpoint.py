@@ -23,16 +23,31 @@ FORMAT = "cdnv2"
 TMP_MARK = ".tmp-"
 
 
+_writes: dict[str, int] = {}
+
+
 def _crash_hook(path: Path, f) -> None:
-    # Test hook: die half-way through writing a checkpoint (SIGKILL, no clean-up).
-    target = os.environ.get("CDNV2_TEST_KILL_DURING_SAVE")
-    if target and path.name == target:
+    # Test hook CDNV2_TEST_KILL_DURING_SAVE=<name>@<n>: SIGKILL this process half-way
+    # through its n-th write of checkpoint <name>, leaving a partial temporary file.
+    spec = os.environ.get("CDNV2_TEST_KILL_DURING_SAVE")
+    if not spec:
+        return
+    name, _, nth = spec.partition("@")
+    if path.name != name:
+        return
+    _writes[name] = _writes.get(name, 0) + 1
+    if _writes[name] == int(nth or 1):
         f.flush()
+        f.truncate(max(1, f.tell() // 2))
         os.kill(os.getpid(), 9)
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` to ``path`` atomically (temp file, fsync, rename)."""
+def atomic_save(obj: Any, path: str | Path, *, keep_previous_as: str | None = None) -> None:
+    """Write ``obj`` to ``path`` atomically (temp file, fsync, rename).
+
+    With ``keep_previous_as``, an existing ``path`` is renamed to that name beside it
+    once the new file is complete, just before the new file takes its place.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
@@ -42,6 +57,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             _crash_hook(path, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous_as and path.exists():
+            os.replace(path, path.with_name(keep_previous_as))
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -61,10 +78,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 def save_rotating(obj: Any, path: str | Path) -> None:
     """Save ``path`` keeping its previous version as ``prev.pt`` beside it."""
-    path = Path(path)
-    if path.exists():
-        os.replace(path, path.with_name("prev.pt"))
-    atomic_save(obj, path)
+    atomic_save(obj, path, keep_previous_as="prev.pt")
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

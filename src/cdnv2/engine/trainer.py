@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
 from torch import nn
 
@@ -198,9 +199,12 @@ class Trainer:
         for key in sorted(set(ours) | set(theirs)):
             if ours.get(key) != theirs.get(key):
                 diffs.append(f"model.{key} {theirs.get(key)!r} vs {ours.get(key)!r}")
-        if list(state.get("class_names", [])) != list(self.data.class_names):
+        theirs_cls, ours_cls = list(state.get("class_names", [])), list(self.data.class_names)
+        if theirs_cls != ours_cls:
+            differ = [f"{a!r}/{b!r}" for a, b in zip(theirs_cls, ours_cls) if a != b][:3]
             diffs.append(
-                f"{len(state.get('class_names', []))} classes vs {len(self.data.class_names)} in the data"
+                f"{len(theirs_cls)} classes vs {len(ours_cls)} in the data"
+                + (f" (first differences: {', '.join(differ)})" if differ else "")
             )
         if state.get("total_steps") != self.total_steps:
             diffs.append(
@@ -323,6 +327,8 @@ class Trainer:
                 self._log_train(loss, seen * self.dist.world_size / max(elapsed, 1e-9))
                 tick, seen = time.perf_counter(), 0
             bar.update(1, loss=f"{loss:.3f}" if loss is not None else "skip")
+            if os.environ.get("CDNV2_TEST_STEP_SLEEP"):  # test hook: slow steps for signal tests
+                time.sleep(float(os.environ["CDNV2_TEST_STEP_SLEEP"]))
             if time.monotonic() - last_save > 60 * self.cfg.trainer.checkpoint_minutes:
                 self.save()
                 last_save = time.monotonic()
@@ -343,6 +349,8 @@ class Trainer:
         with ctx:
             logits = self.train_model(images)
         loss = F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
+        if os.environ.get("CDNV2_TEST_NAN_AT_STEP") == str(self.step + 1):
+            loss = loss * float("nan")  # test hook: a non-finite loss at this step
         if self.condenser.lasso_active(self.step) and self.structure == "masked":
             loss = loss + self.condenser.lasso_penalty()
         return loss
@@ -493,6 +501,8 @@ class Trainer:
             "run_dir": str(self.run_dir),
         }
         has_masks = bool(condensing_layers(reference))
+        if self.dist.enabled:
+            report["masks_identical_across_ranks"] = self._masks_identical()
         if has_masks:
             report["compact"] = self._convert_and_eval(model, input_size, report)
         if self.is_main:
@@ -500,6 +510,20 @@ class Trainer:
             print(summary_table(report), flush=True)
         cleanup(self.dist)
         return report
+
+    def _masks_identical(self) -> bool:
+        """Gather a checksum of every structural buffer (masks, stages, indices) from all ranks."""
+        params = {n for n, _ in self.model.named_parameters()}
+        stats = ("running_mean", "running_var", "num_batches_tracked")
+        checksum = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for i, (name, b) in enumerate(sorted(self.model.state_dict().items())):
+            if name not in params and not name.endswith(stats):
+                v = b.double().flatten()
+                weights = torch.arange(1, v.numel() + 1, device=v.device, dtype=v.dtype)
+                checksum += (v * weights).sum() * (i + 1)
+        gathered = [torch.zeros_like(checksum) for _ in range(self.dist.world_size)]
+        torch.distributed.all_gather(gathered, checksum)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
 
     def _parity_batch(self) -> torch.Tensor:
         images = []
