@@ -141,6 +141,10 @@ class Trainer:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
                 self.model = model
             ids = [self.device.index] if self.device.type == "cuda" else None
+            # Integer buffers (stages, compact indices) are structure, identical on every
+            # rank by construction (checked at the end); Gloo cannot broadcast int16.
+            structural = [n for n, b in model.named_buffers() if not b.is_floating_point()]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, structural)
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if self.cfg.trainer.compile:
             model = torch.compile(model)
