@@ -222,17 +222,16 @@ def to_compact_training(model: nn.Module, optimizer: torch.optim.Optimizer | Non
         kept = m.kept_indices()
         if isinstance(m, LearnedLinear):
             new = CompactLinear.from_masked(m, share_bias=True)
-            swaps[m.conv.weight] = (new.linear.weight, lambda t, k=kept: gather_linear_weight(t, k))
+            new_w, gather = new.linear.weight, (lambda t, k=kept: gather_linear_weight(t, k))
         elif isinstance(m, SparseFeatureReactivation):
             new = CompactSFR.from_masked(m, share_norm=True)
-            swaps[m.conv.weight] = (new.conv.weight, lambda t, k=kept, g=m.groups: gather_sfr_weight(t, k, g))
+            new_w, gather = new.conv.weight, (lambda t, k=kept, g=m.groups: gather_sfr_weight(t, k, g))
         else:
             new = CompactTrainLGC.from_masked(m, share_norm=True)
-            swaps[m.conv.weight] = (new.conv.weight, lambda t, k=kept, g=m.groups: gather_lgc_weight(t, k, g))
-        new.train(m.training)
-        for old_p, (new_p, _) in list(swaps.items())[-1:]:
-            new_p.requires_grad_(old_p.requires_grad)
-        _set_child(model, name, new)
+            new_w, gather = new.conv.weight, (lambda t, k=kept, g=m.groups: gather_lgc_weight(t, k, g))
+        new_w.requires_grad_(m.conv.weight.requires_grad)
+        swaps[m.conv.weight] = (new_w, gather)
+        _set_child(model, name, new.train(m.training))
     if optimizer is not None:
         _hand_over_optimizer(optimizer, swaps)
 
