@@ -11,6 +11,7 @@ Loader and model are timed separately; when training, they share the same cores.
 
     python scripts/bench_data.py                 # prints a markdown table
     python scripts/bench_data.py --files 200 --workers 0 2
+    python scripts/bench_data.py --threads 1     # on a busy machine: no OpenMP oversubscription
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def write_jpegs(root: Path, num_files: int, classes: int = 10, size=(500, 375), 
     """ImageNet-like JPEGs: smooth random content (so they compress like photos) at 500x375."""
     rng = np.random.default_rng(seed)
     for i in range(num_files):
-        split = "val" if i % 10 == 0 else "train"
+        split = "val" if (i // classes) % 10 == 0 else "train"
         folder = root / split / f"n{i % classes:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         low = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
@@ -90,7 +91,16 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=300, help="generated JPEGs (500x375)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader workers to try")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per model")
+    parser.add_argument("--repeat", type=int, default=2, help="best of this many runs (shared machines are noisy)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def best(fn, *fn_args) -> float:
+        return max(fn(*fn_args) for _ in range(args.repeat))
+
+    load_before = os.getloadavg()[0]
     logging.basicConfig(level=logging.ERROR)  # the 10-class "imagenet" warns about its class count
 
     rows = []
@@ -98,17 +108,20 @@ def main() -> None:
         t0 = time.perf_counter()
         write_jpegs(Path(tmp), args.files)
         print(f"wrote {args.files} JPEGs (500x375) in {time.perf_counter() - t0:.1f}s")
-        b_rate = model_rate("cdnv2_b", 32, 224, args.steps)
+        b_rate = best(model_rate, "cdnv2_b", 32, 224, args.steps)
         for w in args.workers:
             cfg = load_config("imagenet", root=tmp, batch_size=32, num_workers=w)
-            rows.append(("imagenet train (JPEG 500x375 -> 224)", w, loader_rate(cfg, 2 * args.files), "cdnv2_b, batch 32, 224", b_rate))
-    tiny_rate = model_rate("cdnv2_tiny", 64, 32, 4 * args.steps)
+            rate = best(loader_rate, cfg, 2 * args.files)
+            rows.append(("imagenet train (JPEG 500x375 -> 224)", w, rate, "cdnv2_b, batch 32, 224", b_rate))
+    tiny_rate = best(model_rate, "cdnv2_tiny", 64, 32, 4 * args.steps)
     for w in args.workers:
         cfg = load_config("shapes", batch_size=64, num_workers=w)
-        rows.append(("shapes train (32x32)", w, loader_rate(cfg, 10000), "cdnv2_tiny, batch 64, 32", tiny_rate))
+        rate = best(loader_rate, cfg, 10000)
+        rows.append(("shapes train (32x32)", w, rate, "cdnv2_tiny, batch 64, 32", tiny_rate))
 
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} intra-op threads\n")
+          f"{torch.get_num_threads()} intra-op threads, load average {load_before:.1f} before / "
+          f"{os.getloadavg()[0]:.1f} after, best of {args.repeat}\n")
     print("| pipeline | workers | loader img/s | model step (SGD) | model img/s | loader / model |")
     print("|---|---:|---:|---|---:|---:|")
     for pipeline, w, rate, model, m_rate in rows:
