@@ -405,6 +405,14 @@ def test_missing_cifar_says_where_and_how(tmp_path, name, folder):
     assert str(tmp_path / folder) in msg and "data.download=true" in msg and "https://www.cs.toronto.edu" in msg
 
 
+def test_relative_roots_are_shown_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=str(tmp_path / "rel" / "cifar-10-batches-py")):
+        build_data(DataConfig(name="cifar10", root="rel"), seed=0)
+    with pytest.raises(DataError, match=rf"data.root=rel \({tmp_path / 'rel'}\) does not exist"):
+        build_data(DataConfig(name="imagefolder", root="rel"), seed=0)
+
+
 def test_truncated_cifar_file_is_named(tmp_path):
     root = _write_cifar(tmp_path, "cifar10")
     _truncate(root / "cifar-10-batches-py" / "data_batch_3")

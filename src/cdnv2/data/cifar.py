@@ -87,7 +87,7 @@ def build_cifar_datasets(name: str, root: Optional[str], download: bool) -> tupl
             f"data.root is not set; data={name} reads {spec['title']} from <root>/{spec['folder']}/. "
             "Set data.root to that parent folder (with data.download=true to fetch it there)."
         )
-    base = Path(root).expanduser()
+    base = Path(root).expanduser().absolute()  # messages name the folder really searched
     folder = base / spec["folder"]
     files = [*spec["train"], *spec["test"], spec["meta"]]
     missing = [f for f in files if not (folder / f).is_file()]
@@ -95,9 +95,10 @@ def build_cifar_datasets(name: str, root: Optional[str], download: bool) -> tupl
         _download(name, base)
         missing = [f for f in files if not (folder / f).is_file()]
     if missing:
+        which = "none of them is there" if len(missing) == len(files) else f"missing {', '.join(missing)}"
         raise DataError(
             f"{spec['title']} was not found: looked for {folder}/ with {', '.join(files)}; "
-            f"missing {', '.join(missing)}. Set data.download=true to fetch it (needs internet), or "
+            f"{which}. Set data.download=true to fetch it (needs internet), or "
             f"download {spec['url']} and extract it into {base}."
         )
     classes = list(_read_pickle(folder / spec["meta"])[spec["names"]])

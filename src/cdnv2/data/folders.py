@@ -138,10 +138,11 @@ def build_folder_datasets(
     """Check the layout of ``root`` and list its train and val images."""
     if not root:
         raise DataError(f"data.root is not set; data={name} needs it. " + _LAYOUT.format(root="<root>"))
-    base = Path(root).expanduser()
+    base = Path(root).expanduser().absolute()
     if not base.is_dir():
         what = "is not a folder" if base.exists() else "does not exist"
-        raise DataError(f"data.root={root} {what}. " + _LAYOUT.format(root=root))
+        shown = root if str(base) == root else f"{root} ({base})"
+        raise DataError(f"data.root={shown} {what}. " + _LAYOUT.format(root=root))
     train_dir, val_dir = base / "train", base / "val"
     has_train, has_val = train_dir.is_dir(), val_dir.is_dir()
     if has_val and not has_train:
