@@ -17,3 +17,24 @@ __all__ = [
     "interleaved_to_grouped",
     "interleaved_to_grouped_index",
 ]
+
+# Compact (condensed) layers; appended by the conversion work.
+from .compact import (  # noqa: E402
+    CompactDenseBlock,
+    CompactDenseLayer,
+    CompactFeatures,
+    CompactLGC,
+    CompactLinear,
+    CompactSFR,
+    CompactTrainLGC,
+)
+
+__all__ += [
+    "CompactDenseBlock",
+    "CompactDenseLayer",
+    "CompactFeatures",
+    "CompactLGC",
+    "CompactLinear",
+    "CompactSFR",
+    "CompactTrainLGC",
+]
