@@ -125,7 +125,6 @@ def _to_official_layout(state: dict) -> dict:
 
 
 def test_official_layout_file_evaluates_like_the_original(run_dir, tmp_path):
-    pytest.importorskip("cdnv2.official", reason="the official-checkpoint importer has not landed yet")
     snapshot = run_dir / "checkpoints/condense-step0000004.pt"
     state = load(snapshot)
     official = tmp_path / "official.pth.tar"
@@ -139,6 +138,35 @@ def test_official_layout_file_evaluates_like_the_original(run_dir, tmp_path):
     assert got["kind"] == "official" and got["structure"] == "masked"
     for key in ("top1", "top5", "loss", "samples"):
         assert got[key] == ref[key], key
+    # cdnv2-convert turns the official unconverted file into our compact artifact
+    from cdnv2.cli import convert as convert_cli
+
+    out = tmp_path / "official_compact.pt"
+    convert_cli.run(convert_cli.ConvertConfig(checkpoint=str(official), official="cdnv2_tiny", out=str(out),
+                                              parity_samples=2, bench=False))
+    compact, masked = convert_mod.load_model(out), convert_mod.load_model(snapshot, weights="raw")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(compact(x), masked(x), atol=1e-5)
+
+
+def test_converted_official_file_with_ema_and_args(run_dir, tmp_path):
+    import argparse
+
+    test_official = pytest.importorskip("test_official", reason="needs the official-layout helpers")
+    snapshot = run_dir / "checkpoints/condense-step0000004.pt"
+    raw = convert_mod.load_model(snapshot, weights="raw")
+    ema = convert_mod.load_model(snapshot, weights="ema")
+    official = tmp_path / "converted.pth.tar"
+    torch.save({"epoch": 1, "args": argparse.Namespace(model="cdnv2_tiny"),  # as timm's saver writes
+                "state_dict": test_official.converted_layout(raw, "module."),
+                "state_dict_ema": test_official.converted_layout(ema, "module.")}, official)
+    ref = eval_cli.run(eval_cli.EvalConfig(checkpoint=str(snapshot), out=str(tmp_path / "ref"), progress="none"))
+    cfg = eval_cli.EvalConfig(checkpoint=str(official), official="cdnv2_tiny", out=str(tmp_path), progress="none")
+    got = eval_cli.run(cfg, data=DataConfig(**TINY_DATA), data_overrides=SHAPES_PREPROCESS)
+    assert (got["kind"], got["structure"], got["weights"]) == ("official", "compact", "ema")
+    assert got["loss"] == pytest.approx(ref["loss"], abs=1e-5)
+    assert abs(got["top1"] - ref["top1"]) <= 100 / 128
 
 
 def test_official_variant_is_detected_from_the_keys():
