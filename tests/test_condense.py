@@ -116,3 +116,19 @@ def test_ema_keeps_masks_binary_and_identical():
     # weights are averaged, not copied
     w, we = model.features.init_conv.weight, ema.module.features.init_conv.weight
     assert not torch.equal(w, we)
+
+
+def test_ema_warmup_ramps_decay():
+    model = torch.nn.Linear(2, 2)
+    ema = ModelEMA(model, decay=0.999, warmup=True)
+    start = ema.module.weight.clone()
+    assert ema.current_decay() == pytest.approx(0.1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # decay 0.1: mostly the new weights
+    torch.testing.assert_close(ema.module.weight, 0.1 * start + 0.9)
+    fixed = ModelEMA(model, decay=0.999)
+    assert fixed.current_decay() == 0.999
+    for _ in range(10_000):
+        ema.updates += 1
+    assert ema.current_decay() == 0.999

@@ -17,10 +17,14 @@ class ModelEMA:
     every update, so the EMA model always has exactly the live model's connectivity.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9998):
+    def __init__(self, model: nn.Module, decay: float = 0.9998, warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
+        # timm-style warmup: decay_t = min(decay, (1 + t) / (10 + t)), so a short run's
+        # EMA is not dominated by the random initial weights.
+        self.warmup = warmup
+        self.updates = 0
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -30,14 +34,21 @@ class ModelEMA:
         names |= {n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in _AVERAGED_BUFFERS}
         return names
 
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        self.updates += 1
         averaged = self._averaged(model)
         live = model.state_dict()
         for name, ema_value in self.module.state_dict().items():
             value = live[name].detach()
             if name in averaged and ema_value.is_floating_point():
-                ema_value.lerp_(value.to(ema_value.dtype), 1.0 - self.decay)
+                ema_value.lerp_(value.to(ema_value.dtype), 1.0 - decay)
             else:
                 ema_value.copy_(value)
 

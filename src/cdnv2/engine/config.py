@@ -75,6 +75,7 @@ class TrainerConfig:
     channels_last: bool = False  # NHWC memory format (CUDA)
     compile: bool = False  # torch.compile the training model
     ema_decay: Optional[float] = None  # EMA of weights, evaluated and exported; None: off
+    ema_warmup: bool = True  # ramp the EMA decay up as (1+t)/(10+t) (timm); false: fixed
     compact_training: bool = True  # compact layers once all masks are final
     sync_bn: bool = False  # SyncBatchNorm in distributed runs
     checkpoint_minutes: float = 10.0  # also write last.pt this often within an epoch

@@ -117,7 +117,10 @@ class Trainer:
         self.condenser = Condenser(self.model, self.total_steps, cfg.condense)
         self.structure = "masked"
         self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
-        self.ema = ModelEMA(self.model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
+        self.ema = (
+            ModelEMA(self.model, cfg.trainer.ema_decay, warmup=cfg.trainer.ema_warmup)
+            if cfg.trainer.ema_decay else None
+        )
         self.autocast_dtype = _AMP[cfg.trainer.amp] if self.device.type == "cuda" else None
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
 
@@ -177,6 +180,7 @@ class Trainer:
             "structure": self.structure,
             "model_state": self.model.state_dict(),
             "ema_state": self.ema.state_dict() if self.ema else None,
+            "ema_updates": self.ema.updates if self.ema else 0,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "step": self.step,
@@ -245,6 +249,7 @@ class Trainer:
         self.model.load_state_dict(state["model_state"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema_state"] or state["model_state"])
+            self.ema.updates = state.get("ema_updates", 0)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
