@@ -437,7 +437,7 @@ class CompactFeatures(nn.Sequential):
 
 def _fast_ok(module: nn.Module) -> bool:
     """The fused path runs in eval mode without autograd and without hooks to observe."""
-    if module.training or torch.is_grad_enabled():
+    if module.training or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
@@ -473,6 +473,8 @@ import threading  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 _INF = float("inf")
+# Up to this many pixels per image the LGC runs one GEMM per group over all images.
+_GROUP_MAJOR_PIXELS = 28 * 28
 # Keep scratch memory between calls (per thread). False: allocate per call.
 KEEP_WORKSPACE = True
 _THREAD = threading.local()
@@ -562,13 +564,20 @@ class _Plan:
     maps: dict = field(default_factory=dict)
     rows: dict = field(default_factory=dict)
 
-    def gather_rows(self, batch: int, width: int) -> torch.Tensor:
-        """Row indices into the (B * width, HW) buffer view for the gather."""
-        key = (batch, width)
+    def gather_rows(self, batch: int, width: int, group_major: bool) -> torch.Tensor:
+        """Row indices into the (B * width, HW) buffer view for the gather.
+
+        Batch-major rows give (B, c', HW); group-major rows give (c', B, HW), so each
+        group's GEMM sees all images at once (one big GEMM per group, not B*G tiny ones).
+        """
+        key = (batch, width, group_major)
         rows = self.rows.get(key)
         if rows is None:
             base = torch.arange(batch, device=self.idx1.device) * width
-            rows = (base[:, None] + self.idx1[None, :]).reshape(-1)
+            if group_major:
+                rows = (self.idx1[:, None] + base[None, :]).reshape(-1)
+            else:
+                rows = (base[:, None] + self.idx1[None, :]).reshape(-1)
             if len(self.rows) > 8:
                 self.rows.clear()
             self.rows[key] = rows
@@ -758,10 +767,10 @@ def _reserve_for(layers: list, batch: int, pixels: int, like: torch.Tensor, ws: 
     ws.reserve(like, {k: v * batch * pixels for k, v in need.items() if v})
 
 
-def _clamp_(t: torch.Tensor, plan: _Plan) -> None:
-    t.clamp_(min=plan.lo)  # one bound per pass: two tensor bounds at once are ~5x slower
-    if plan.hi is not None:
-        t.clamp_(max=plan.hi)
+def _clamp_(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor | None) -> None:
+    t.clamp_(min=lo)  # one bound per pass: two tensor bounds at once are ~5x slower
+    if hi is not None:
+        t.clamp_(max=hi)
 
 
 def _layer_into(layer: "CompactDenseLayer", plan: _Plan, buf: torch.Tensor, c: int, ws: _Workspace) -> None:
@@ -791,21 +800,37 @@ def _layer_into(layer: "CompactDenseLayer", plan: _Plan, buf: torch.Tensor, c: i
             y2.add_(plan.b1)
             _apply_act_(plan.act2, layer.conv_2.act, y2)
     else:
-        sel = ws.get("sel", (b, lgc.selected, hw))
-        rows = plan.gather_rows(b, width)
+        # Small images: group-major rows, one GEMM per group over all images.
+        group_major = hw <= _GROUP_MAJOR_PIXELS
+        m = lgc.selected // g
+        rows = plan.gather_rows(b, width, group_major)
+        if group_major:
+            sel = ws.get("sel", (lgc.selected, b, hw))
+            bn_shape = (lgc.selected, 1, 1)
+        else:
+            sel = ws.get("sel", (b, lgc.selected, hw))
+            bn_shape = (lgc.selected, 1)
         torch.index_select(buf.view(b * width, hw), 0, rows, out=sel.view(b * lgc.selected, hw))
         if plan.act1 == "relu":
-            _clamp_(sel, plan)
+            _clamp_(sel, plan.lo.view(bn_shape), None if plan.hi is None else plan.hi.view(bn_shape))
         else:
-            torch.addcmul(plan.t1, sel, plan.s1, out=sel)
+            torch.addcmul(plan.t1.view(bn_shape), sel, plan.s1.view(bn_shape), out=sel)
             _apply_act_(plan.act1, lgc.act, sel)
-        y = ws.get("y", (b, g, n, hw))
-        torch.matmul(plan.w1, sel.view(b, g, lgc.selected // g, hw), out=y)
-        y_shuffled, y2v = y.transpose(1, 2), y2.view(b, n, g, hw)
+        if group_major:
+            y = ws.get("y", (g, n, b, hw))
+            torch.bmm(plan.w1, sel.view(g, m, b * hw), out=y.view(g, n, b * hw))
+            y_shuffled = y.permute(2, 1, 0, 3)  # (B, n, G, HW): channel d*G+g
+            bias = plan.b1.view(g, n, 1, 1)
+        else:
+            y = ws.get("y", (b, g, n, hw))
+            torch.matmul(plan.w1, sel.view(b, g, m, hw), out=y)
+            y_shuffled = y.transpose(1, 2)
+            bias = plan.b1
+        y2v = y2.view(b, n, g, hw)
         if plan.bias_through:
             torch.clamp(y_shuffled, min=plan.nb1, out=y2v)
         else:
-            y.add_(plan.b1)
+            y.add_(bias)
             _act_into(plan.act2, layer.conv_2.act, y_shuffled, y2v)
     # ---- 3x3 grouped conv (+ SE) -> h, written into the block buffer
     conv3 = layer.conv_2.conv
@@ -887,7 +912,7 @@ def _pool2_into(x: torch.Tensor, out: torch.Tensor, ws: _Workspace) -> None:
 def _run_block(layers: list, x: torch.Tensor, *, pool: bool = False, buffer_name: str | None = None):
     """Fused block: input (optionally 2x2-pooled first) -> block buffer. None if not foldable."""
     plans = [_get_plan(layer) for layer in layers]
-    if any(p is None for p in plans):
+    if any(p is None for p in plans) or x.dim() != 4 or x.dtype != layers[0].conv_1.conv.weight.dtype:
         return None
     b, c, hgt, wid = x.shape
     if pool:

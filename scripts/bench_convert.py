@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Speed of masked vs compact CondenseNetV2 on the CPU, next to torchvision peers.
+
+Prints a markdown table: ms per batch (224x224, fp32, eager) for the masked model, the
+compact model and a torchvision peer of similar FLOPs, with the ratios from the same
+run; the compact artifact's size against its parameter bytes; and one training step of
+cdnv2_b (batch 32) with masked vs compact-training layers.
+
+Models are timed round-robin (masked, compact, peer, masked, ...) so that load from
+other processes hits all of them alike; each number is the median of --repeats.
+
+    python scripts/bench_convert.py                       # the full table (minutes)
+    python scripts/bench_convert.py --variants cdnv2_a --batch 1 --repeats 3 --no-train
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+import cdnv2
+from cdnv2.convert import convert_model, save_compact, to_compact_training
+from cdnv2.layers import CondensingConv1x1
+
+PEERS = {"cdnv2_a": "shufflenet_v2_x0_5", "cdnv2_b": "shufflenet_v2_x1_0", "cdnv2_c": "mobilenet_v2"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=["cdnv2_a", "cdnv2_b", "cdnv2_c"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--size", type=int, default=224, help="input height and width")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per model (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--no-peers", action="store_true", help="skip the torchvision models")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step comparison")
+    p.add_argument("--train-variant", default="cdnv2_b")
+    p.add_argument("--train-batch", type=int, default=32)
+    p.add_argument("--train-repeats", type=int, default=3)
+    return p.parse_args(argv)
+
+
+def condensed(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = cdnv2.create_model(name)
+    for m in model.modules():
+        if isinstance(m, CondensingConv1x1):
+            while not m.fully_condensed:
+                m.condense_step()
+    return model.eval()
+
+
+def time_round_robin(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """ms per call of each function, measured in interleaved rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def fmt(ms: list[float]) -> str:
+    return f"{statistics.median(ms):.1f}"
+
+
+def inference_rows(args) -> list[str]:
+    rows = [
+        "| model | batch | masked ms | compact ms | speedup (masked / compact) | peer | peer ms | compact / peer |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for name in args.variants:
+        masked = condensed(name)
+        compact = convert_model(masked)  # parity checked on a small input
+        peer_name = None if args.no_peers else PEERS.get(name)
+        peer = getattr(torchvision.models, peer_name)(weights=None).eval() if peer_name else None
+        for batch in args.batch:
+            x = torch.randn(batch, 3, args.size, args.size)
+            fns = {"masked": lambda: masked(x), "compact": lambda: compact(x)}
+            if peer is not None:
+                fns["peer"] = lambda: peer(x)
+            with torch.no_grad():
+                t = time_round_robin(fns, args.repeats, args.warmup)
+            m, c = statistics.median(t["masked"]), statistics.median(t["compact"])
+            p = statistics.median(t["peer"]) if peer is not None else float("nan")
+            rows.append(
+                f"| {name} | {batch} | {m:.1f} | {c:.1f} | {m / c:.2f}x | {peer_name or '-'} | "
+                f"{p:.1f} | {c / p:.2f} |"
+            )
+            print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def artifact_rows(args) -> list[str]:
+    rows = ["| model | artifact bytes | parameter bytes | ratio |", "|---|---:|---:|---:|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.variants:
+            compact = convert_model(condensed(name), check=False)
+            path = save_compact(Path(tmp) / f"{name}.pt", compact, model_name=name, model_kwargs={})
+            size = path.stat().st_size
+            params = sum(p.numel() * p.element_size() for p in compact.parameters())
+            rows.append(f"| {name} | {size:,} | {params:,} | {size / params:.3f} |")
+    return rows
+
+
+def train_rows(args) -> list[str]:
+    masked = condensed(args.train_variant).train()
+    compact = copy.deepcopy(masked)
+    opt_m = torch.optim.SGD(masked.parameters(), lr=0.01, momentum=0.9)
+    opt_c = torch.optim.SGD(compact.parameters(), lr=0.01, momentum=0.9)
+    to_compact_training(compact, opt_c)
+    x = torch.randn(args.train_batch, 3, args.size, args.size)
+    y = torch.randint(0, 1000, (args.train_batch,))
+
+    def step(model, opt):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    t = time_round_robin({"masked": lambda: step(masked, opt_m), "compact": lambda: step(compact, opt_c)},
+                         args.train_repeats, 1)
+    m, c = statistics.median(t["masked"]), statistics.median(t["compact"])
+    return [
+        "| model | batch | masked train step ms | compact-training step ms | speedup |",
+        "|---|---:|---:|---:|---:|",
+        f"| {args.train_variant} | {args.train_batch} | {m:.0f} | {c:.0f} | {m / c:.2f}x |",
+    ]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    header = [
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"torch.get_num_threads() = {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs; fp32, eager, {args.size}x{args.size}, median of {args.repeats} "
+        f"(round-robin); load average at start {load[0]:.2f}",
+        "",
+    ]
+    out = header + inference_rows(args) + [""]
+    out += artifact_rows(args) + [""]
+    if not args.no_train:
+        out += train_rows(args) + [""]
+    out.append(f"load average at end {os.getloadavg()[0]:.2f}")
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
