@@ -97,9 +97,10 @@ def inference_rows(args) -> list[str]:
                 t = time_round_robin(fns, args.repeats, args.warmup)
             m, c = statistics.median(t["masked"]), statistics.median(t["compact"])
             p = statistics.median(t["peer"]) if peer is not None else float("nan")
+            peer_cell = f"{p:.1f} ({min(t['peer']):.1f})" if peer is not None else "-"
             rows.append(
-                f"| {name} | {batch} | {m:.1f} | {c:.1f} | {m / c:.2f}x | {peer_name or '-'} | "
-                f"{p:.1f} | {c / p:.2f} |"
+                f"| {name} | {batch} | {m:.1f} ({min(t['masked']):.1f}) | {c:.1f} ({min(t['compact']):.1f}) | "
+                f"{m / c:.2f}x | {peer_name or '-'} | {peer_cell} | {c / p:.2f} |"
             )
             print(rows[-1], file=sys.stderr, flush=True)
     return rows
@@ -137,7 +138,8 @@ def train_rows(args) -> list[str]:
     return [
         "| model | batch | masked train step ms | compact-training step ms | speedup |",
         "|---|---:|---:|---:|---:|",
-        f"| {args.train_variant} | {args.train_batch} | {m:.0f} | {c:.0f} | {m / c:.2f}x |",
+        f"| {args.train_variant} | {args.train_batch} | {m:.0f} ({min(t['masked']):.0f}) | "
+        f"{c:.0f} ({min(t['compact']):.0f}) | {m / c:.2f}x |",
     ]
 
 
@@ -149,8 +151,8 @@ def main(argv=None) -> int:
     header = [
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"torch.get_num_threads() = {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs; fp32, eager, {args.size}x{args.size}, median of {args.repeats} "
-        f"(round-robin); load average at start {load[0]:.2f}",
+        f"{os.cpu_count()} CPUs; fp32, eager, {args.size}x{args.size}; ms per batch, median (min) of "
+        f"{args.repeats} round-robin runs, ratios from the medians; load average at start {load[0]:.2f}",
         "",
     ]
     out = header + inference_rows(args) + [""]

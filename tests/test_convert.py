@@ -139,6 +139,23 @@ def test_fused_path_workspace_is_reused_safely_across_batch_sizes():
     assert torch.equal(outs[0], again)  # an earlier result is not overwritten later
 
 
+def test_fused_path_switches_between_inference_mode_and_no_grad():
+    masked = make("cdnv2_tiny")
+    compact = convert_model(masked, check=False)
+    x = example(masked)
+    from cdnv2.layers.compact import release_workspace
+    release_workspace()
+    with torch.inference_mode():
+        a = compact(x)  # scratch made here are inference tensors
+    with torch.no_grad():
+        b = compact(x)  # ... and must not be written in place out here
+    with torch.inference_mode():
+        c = compact(x)
+    assert torch.equal(a, b) and torch.equal(b, c)
+    with torch.no_grad():
+        assert max_rel_diff(masked(x), b) < 1e-4
+
+
 def test_compact_layers_keep_the_masked_layer_math():
     torch.manual_seed(0)
     lgc = LearnedGroupConv(24, 32, groups=4, condense_factor=4, act="hswish")

@@ -727,9 +727,12 @@ class _Workspace:
         self.bufs: dict[str, torch.Tensor] = {}
 
     def reserve(self, like: torch.Tensor, sizes: dict[str, int]) -> None:
+        # Tensors made under inference_mode cannot be written outside it: replace them.
+        stale_inference = not torch.is_inference_mode_enabled()
         for name, numel in sizes.items():
             t = self.bufs.get(name)
-            if t is None or t.numel() < numel or t.dtype != like.dtype or t.device != like.device:
+            if (t is None or t.numel() < numel or t.dtype != like.dtype or t.device != like.device
+                    or (stale_inference and t.is_inference())):
                 self.bufs.pop(name, None)  # free the old one before allocating
                 self.bufs[name] = like.new_empty(numel)
 
