@@ -301,8 +301,8 @@ class Trainer:
         except ValueError:  # not the main thread (e.g. a test harness): no handlers
             old = {}
         try:
-            if self.condenser.step(self.step) and self.is_main:  # stages due at step 0
-                log.info("applied condensation stages due at the start")
+            if self.structure == "masked" and self.condenser.step(self.step) and self.is_main:
+                log.info("applied condensation stages due at step %d", self.step)
             if self._compact_training_due():
                 self._swap_to_compact_training()
             while self.epoch < self.cfg.trainer.epochs:
