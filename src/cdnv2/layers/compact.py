@@ -29,7 +29,6 @@ from torch import nn
 from .activations import create_act
 from .condensing import LearnedGroupConv, LearnedLinear, SparseFeatureReactivation
 from .conv_unit import PreActConv
-from .shuffle import interleaved_to_grouped
 from .squeeze_excite import SqueezeExcite
 
 
@@ -82,11 +81,37 @@ def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * c, hgt * wid).index_select(0, rows.reshape(-1)).view(b, -1, hgt, wid)
 
 
-def scatter_add_channels(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """Out of place ``x.index_add(1, index, src)`` through the (B*C, H*W) row view."""
-    b, c, hgt, wid = x.shape
-    rows = (torch.arange(b, device=x.device) * c)[:, None] + index[None, :]
-    out = x.reshape(b * c, hgt * wid).index_add(0, rows.reshape(-1), src.reshape(-1, hgt * wid))
+def _group_major_rows(index: torch.Tensor, batch: int, channels: int) -> torch.Tensor:
+    """Rows of a (B*C, H*W) view: every image of channel index[0], then of index[1], ..."""
+    return (index[:, None] + torch.arange(batch, device=index.device)[None, :] * channels).reshape(-1)
+
+
+def lgc_gemm(a: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """Gather the kept inputs ``index`` of ``a`` and run the grouped 1x1 conv, shuffled.
+
+    (B, C, H, W) -> (B, O, H, W) with output ``d * G + g`` in interleaved order. The rows
+    are gathered group-major, so each group is one GEMM over all images (MKL threads it
+    well; B * G tiny GEMMs it does not), forward and backward.
+    """
+    b, c, hgt, wid = a.shape
+    hw, o, m = hgt * wid, weight.shape[0], weight.shape[1]
+    sel = a.reshape(b * c, hw).index_select(0, _group_major_rows(index, b, c))
+    y = torch.bmm(weight.reshape(groups, o // groups, m), sel.view(groups, m, b * hw))
+    return y.view(groups, o // groups, b, hw).permute(2, 1, 0, 3).reshape(b, o, hgt, wid)
+
+
+def sfr_gemm_add(x: torch.Tensor, a: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
+                 groups: int) -> torch.Tensor:
+    """``x`` plus the grouped 1x1 conv of ``a`` scattered to channels ``index`` (out of place).
+
+    ``a``'s interleaved input groups are made contiguous (group-major, all images per
+    group), one GEMM per group, then one row ``index_add`` into a copy of ``x``.
+    """
+    b, k, hgt, wid = a.shape
+    c, hw = x.shape[1], hgt * wid
+    a_g = a.reshape(b, k // groups, groups, hw).permute(2, 1, 0, 3).reshape(groups, k // groups, b * hw)
+    s = torch.bmm(weight.reshape(groups, -1, k // groups), a_g)  # (G, c'/G, B*HW)
+    out = x.reshape(b * c, hw).index_add(0, _group_major_rows(index, b, c), s.view(-1, hw))
     return out.view(b, c, hgt, wid)
 
 
@@ -248,9 +273,7 @@ class CompactTrainLGC(_IndexMixin, nn.Module):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = gather_channels(self.act(self.norm(x)), self.long_index())
-        y = grouped_conv1x1(a, self.conv.weight, self.groups)  # (B, G, O/G, HW)
-        return y.transpose(1, 2).reshape(x.shape[0], self.out_channels, *x.shape[2:])  # shuffle
+        return lgc_gemm(self.act(self.norm(x)), self.long_index(), self.conv.weight, self.groups)
 
     def cost(self, inputs: tuple, output: torch.Tensor) -> tuple[float, float]:
         pixels = inputs[0][0, 0].numel()
@@ -307,9 +330,7 @@ class CompactSFR(_IndexMixin, nn.Module):
         return new
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        a = interleaved_to_grouped(self.act(self.norm(h)), self.groups)
-        s = grouped_conv1x1(a, self.conv.weight, self.groups)  # (B, G, c/C, HW)
-        return scatter_add_channels(x, self.long_index(), s)
+        return sfr_gemm_add(x, self.act(self.norm(h)), self.long_index(), self.conv.weight, self.groups)
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent (c, k) routing-free dense weight (the masked layer's W * M)."""
@@ -475,6 +496,8 @@ from dataclasses import dataclass, field  # noqa: E402
 _INF = float("inf")
 # Up to this many pixels per image the LGC runs one GEMM per group over all images.
 _GROUP_MAJOR_PIXELS = 28 * 28
+# Depthwise form of the 3x3 conv: images per call so that its output stays about this big.
+_DW_CHUNK_BYTES = 2 << 20
 # Keep scratch memory between calls (per thread). False: allocate per call.
 KEEP_WORKSPACE = True
 _THREAD = threading.local()
@@ -484,7 +507,9 @@ def _bn_affine(bn: nn.Module, channels: int, like: torch.Tensor):
     """Eval-mode BN as float64 (scale, shift); None if it is not a fixed affine map."""
     if isinstance(bn, nn.Identity):
         return like.new_ones(channels, dtype=torch.float64), like.new_zeros(channels, dtype=torch.float64)
-    if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None:
+    # Any eval-mode BN with running statistics (SyncBatchNorm too) is a fixed affine map.
+    if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training
+            or bn.running_mean is None or bn.running_var is None):
         return None
     scale = (bn.running_var.double() + bn.eps).rsqrt()
     if bn.weight is not None:
@@ -884,7 +909,7 @@ def _conv3_depthwise_into(y: torch.Tensor, w_dw: list, groups: int, out: torch.T
     b, o, hgt, wid = y.shape
     hw = hgt * wid
     n, m = len(w_dw), o // groups
-    step = max(1, (2 << 20) // (o * hw * y.element_size()))
+    step = max(1, _DW_CHUNK_BYTES // (o * hw * y.element_size()))
     for s in range(0, b, step):
         y_s = y[s:s + step]
         o_s = out[s:s + step].flatten(2).view(-1, groups, n, hw)
