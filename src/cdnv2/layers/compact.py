@@ -423,6 +423,14 @@ class CompactDenseLayer(nn.Module):
         sfr = CompactSFR.from_masked(layer.sfr) if layer.sfr is not None else None
         return cls(conv_1, layer.conv_2, layer.se, sfr)
 
+    def train(self, mode: bool = True) -> "CompactDenseLayer":
+        self.clear_fast_cache()
+        return super().train(mode)
+
+    def clear_fast_cache(self) -> None:
+        """Drop the tensors the fused path derived from this layer's parameters."""
+        self.__dict__.pop("_fast_plan", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fast_ok(self):
             return _fast_layer_forward(self, x)
@@ -733,16 +741,32 @@ def _build_plan(layer: "CompactDenseLayer") -> _Plan | None:
     return plan
 
 
-def _get_plan(layer: "CompactDenseLayer") -> _Plan | None:
+def _plan_sources(layer: "CompactDenseLayer") -> list[torch.Tensor]:
     mods = [layer.conv_1, layer.conv_2] + ([layer.sfr] if layer.sfr is not None else [])
-    sources = [t for mod in mods for t in (*mod.parameters(), *mod.buffers())]
-    key = (tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in sources),
-           tuple(sorted((getattr(layer, "fast_modes", None) or {}).items())))
+    return [t for mod in mods for t in (*mod.parameters(), *mod.buffers())]
+
+
+def _get_plan(layer: "CompactDenseLayer") -> _Plan | None:
+    """The layer's plan, rebuilt when a source tensor changed (in place, moved, cast).
+
+    The sources are collected when the plan is built (walking the modules on every call
+    costs ~2 ms per forward of cdnv2_c); ``train()`` / ``eval()`` and ``fast_modes``
+    changes drop the plan, so a parameter *object* replaced in eval mode is picked up
+    after the next ``eval()`` (or ``clear_fast_cache()``).
+    """
     cached = layer.__dict__.get("_fast_plan")
-    if cached is None or cached[0] != key:
-        cached = (key, _build_plan(layer))
-        layer.__dict__["_fast_plan"] = cached
-    return cached[1]
+    modes = layer.__dict__.get("fast_modes")
+    if cached is not None:
+        sources, stamp, plan_modes, plan = cached
+        if plan_modes == modes and all(
+            t._version == v and t.data_ptr() == p for t, (v, p) in zip(sources, stamp)
+        ):
+            return plan
+    sources = _plan_sources(layer)
+    plan = _build_plan(layer)
+    stamp = [(t._version, t.data_ptr()) for t in sources]
+    layer.__dict__["_fast_plan"] = (sources, stamp, dict(modes) if modes else modes, plan)
+    return plan
 
 
 class _Workspace:
