@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import cdnv2
 from cdnv2.convert import CheckpointError
@@ -192,7 +191,8 @@ def test_wrong_variant_lists_missing_and_unexpected_keys():
         load_official_checkpoint({"state_dict": sd}, "cdnv2_b")
     del sd["fc.weight"]
     sd["features.extra.weight"] = torch.zeros(1)
-    with pytest.raises(CheckpointError, match=r"1 missing \(e\.g\. fc\.weight\).*1 unexpected \(e\.g\. features\.extra\.weight\)"):
+    both = r"1 missing \(e\.g\. fc\.weight\).*1 unexpected \(e\.g\. features\.extra\.weight\)"
+    with pytest.raises(CheckpointError, match=both):
         load_official_checkpoint({"state_dict": sd}, "cdnv2_a")
 
 

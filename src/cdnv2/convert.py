@@ -267,7 +267,7 @@ def restructure_for_state_dict(model: nn.Module, state_dict: dict[str, Any]) -> 
             sfr = m.sfr
             if sfr is not None and isinstance(sfr, SparseFeatureReactivation):
                 sfr = CompactSFR.empty_like(sfr)
-            layer = CompactDenseLayer(CompactLGC.empty_like(m.conv_1), m.conv_2, m.se, sfr)
+            layer = CompactDenseLayer(CompactLGC.empty_like(m.conv_1), m.conv_2, m.se, sfr)  # shapes only
             _set_child(model, name, layer.train(m.training))
     for name, m in list(model.named_modules()):
         if isinstance(m, LearnedLinear):

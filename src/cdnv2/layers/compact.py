@@ -13,9 +13,10 @@ state dict before loading it) or from a fully condensed masked layer:
   input, so its statistics and parameters stay those of the masked layer, then gathers,
   convolves and shuffles. The SFR needs no separate training form: its BN already runs
   on all of ``h``, so :class:`CompactSFR` (out-of-place ``index_add``) trains as it is.
-- :class:`CompactDenseLayer` / :class:`CompactDenseBlock`: the dense layer and block of
-  the inference model. Under ``torch.no_grad()`` in eval mode they run a fused path
-  (bottom of this file); otherwise the plain module-by-module path.
+- :class:`CompactDenseLayer` / :class:`CompactDenseBlock` / :class:`CompactFeatures`: the
+  dense layer, block and feature extractor of the inference model. Under
+  ``torch.no_grad()`` in eval mode they run a fused path (bottom of this file);
+  otherwise the plain module-by-module path.
 
 Index buffers are stored as small integers (int16 below 32768 channels) to keep
 artifacts small; the kernels read a cached int64 copy.
@@ -29,7 +30,6 @@ from torch import nn
 from .activations import create_act
 from .condensing import LearnedGroupConv, LearnedLinear, SparseFeatureReactivation
 from .conv_unit import PreActConv
-from .squeeze_excite import SqueezeExcite
 
 
 def _index_dtype(channels: int) -> torch.dtype:
@@ -410,11 +410,11 @@ class CompactDenseLayer(nn.Module):
 
     @classmethod
     def empty_like(cls, layer: nn.Module) -> "CompactDenseLayer":
-        """Same shapes as the masked ``layer`` (weights uninitialised)."""
+        """Compact LGC/SFR of the masked ``layer``'s shapes (to be loaded); its 3x3 unit
+        and SE modules are taken over as they are."""
         conv_1 = CompactLGC.empty_like(layer.conv_1)
         sfr = CompactSFR.empty_like(layer.sfr) if layer.sfr is not None else None
-        new = cls(conv_1, layer.conv_2, layer.se, sfr)
-        return new
+        return cls(conv_1, layer.conv_2, layer.se, sfr)
 
     @classmethod
     def from_dense_layer(cls, layer: nn.Module) -> "CompactDenseLayer":
@@ -466,7 +466,9 @@ class CompactFeatures(nn.Sequential):
 
 def _fast_ok(module: nn.Module) -> bool:
     """The fused path runs in eval mode without autograd and without hooks to observe."""
-    if module.training or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+    if module.training or torch.is_grad_enabled():
+        return False
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
