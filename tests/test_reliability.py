@@ -185,7 +185,6 @@ def _torchrun(*args, env=None, timeout=600):
     )
 
 
-@pytest.mark.slow
 def test_torchrun_two_gloo_processes(tmp_path):
     r = _torchrun("--no-python", str(BIN / "cdnv2-train"), *QUICK, f"hydra.run.dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -195,7 +194,6 @@ def test_torchrun_two_gloo_processes(tmp_path):
     assert len(list(tmp_path.parent.glob(tmp_path.name + "*"))) == 1
 
 
-@pytest.mark.slow
 def test_torchrun_restarts_after_a_rank_dies(tmp_path):
     once = tmp_path / "died-once"
     r = _torchrun("--max-restarts=1", "--no-python", str(BIN / "cdnv2-train"), *QUICK,
