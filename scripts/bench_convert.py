@@ -30,6 +30,7 @@ import torchvision
 import cdnv2
 from cdnv2.convert import convert_model, save_compact, to_compact_training
 from cdnv2.layers import CondensingConv1x1
+from cdnv2.layers.compact import release_workspace
 
 PEERS = {"cdnv2_a": "shufflenet_v2_x0_5", "cdnv2_b": "shufflenet_v2_x1_0", "cdnv2_c": "mobilenet_v2"}
 
@@ -43,10 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-peers", action="store_true", help="skip the torchvision models")
+    p.add_argument("--no-infer", action="store_true", help="skip the inference and artifact tables")
     p.add_argument("--no-train", action="store_true", help="skip the training-step comparison")
     p.add_argument("--train-variant", default="cdnv2_b")
     p.add_argument("--train-batch", type=int, default=32)
-    p.add_argument("--train-repeats", type=int, default=3)
+    p.add_argument("--train-repeats", type=int, default=5)
     return p.parse_args(argv)
 
 
@@ -119,6 +121,7 @@ def artifact_rows(args) -> list[str]:
 
 
 def train_rows(args) -> list[str]:
+    release_workspace()  # start from the same memory state as a training process
     masked = condensed(args.train_variant).train()
     compact = copy.deepcopy(masked)
     opt_m = torch.optim.SGD(masked.parameters(), lr=0.01, momentum=0.9)
@@ -155,8 +158,10 @@ def main(argv=None) -> int:
         f"{args.repeats} round-robin runs, ratios from the medians; load average at start {load[0]:.2f}",
         "",
     ]
-    out = header + inference_rows(args) + [""]
-    out += artifact_rows(args) + [""]
+    out = list(header)
+    if not args.no_infer:
+        out += inference_rows(args) + [""]
+        out += artifact_rows(args) + [""]
     if not args.no_train:
         out += train_rows(args) + [""]
     out.append(f"load average at end {os.getloadavg()[0]:.2f}")
