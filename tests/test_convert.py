@@ -130,7 +130,7 @@ def test_fused_path_handles_negative_and_zero_bn_scales_and_odd_sizes():
 def test_fused_path_workspace_is_reused_safely_across_batch_sizes():
     masked = make("cdnv2_tiny")
     compact = convert_model(masked)
-    xs = [torch.randn(b, 3, 32, 32) for b in (4, 2, 7, 4)]
+    xs = [torch.randn(b, 3, 32, 32) for b in (4, 2, 7, 4, 1)]
     with torch.no_grad():
         outs = [compact(x) for x in xs]
         again = compact(xs[0])
@@ -154,6 +154,21 @@ def test_fused_path_switches_between_inference_mode_and_no_grad():
     assert torch.equal(a, b) and torch.equal(b, c)
     with torch.no_grad():
         assert max_rel_diff(masked(x), b) < 1e-4
+
+
+def test_hooks_added_after_a_fused_call_still_fire():
+    masked = make("cdnv2_tiny")
+    compact = convert_model(masked)
+    x = example(masked)
+    with torch.no_grad():
+        fused = compact(x)
+        seen = []
+        layer = compact.features.denseblock_2.denselayer_1
+        handle = layer.conv_1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        hooked = compact(x)  # hooks present: the module-by-module path runs
+        handle.remove()
+    assert seen == [(2, layer.conv_1.out_channels, 16, 16)]
+    assert max_rel_diff(fused, hooked) < 1e-4
 
 
 def test_compact_layers_keep_the_masked_layer_math():
