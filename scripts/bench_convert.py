@@ -7,7 +7,8 @@ run; the compact artifact's size against its parameter bytes; and one training s
 cdnv2_b (batch 32) with masked vs compact-training layers.
 
 Models are timed round-robin (masked, compact, peer, masked, ...) so that load from
-other processes hits all of them alike; each number is the median of --repeats.
+other processes hits all of them alike, each timed call right after an untimed call of
+the same model (warm caches, as in a server); each number is the median of --repeats.
 
     python scripts/bench_convert.py                       # the full table (minutes)
     python scripts/bench_convert.py --variants cdnv2_a --batch 1 --repeats 3 --no-train
@@ -62,14 +63,21 @@ def condensed(name: str) -> torch.nn.Module:
     return model.eval()
 
 
-def time_round_robin(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """ms per call of each function, measured in interleaved rounds."""
+def time_round_robin(fns: dict, repeats: int, warmup: int, *, rewarm: bool = True) -> dict[str, list[float]]:
+    """ms per call of each function, measured in interleaved rounds.
+
+    Interleaving spreads the load of other processes over all models alike; with
+    ``rewarm`` each timed call follows an untimed one of the same model, so no model is
+    timed with caches just flushed by another (a server runs one model warm).
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            if rewarm:
+                fn()
             t0 = time.perf_counter()
             fn()
             times[k].append((time.perf_counter() - t0) * 1e3)
@@ -136,7 +144,7 @@ def train_rows(args) -> list[str]:
         opt.step()
 
     t = time_round_robin({"masked": lambda: step(masked, opt_m), "compact": lambda: step(compact, opt_c)},
-                         args.train_repeats, 1)
+                         args.train_repeats, 1, rewarm=False)
     m, c = statistics.median(t["masked"]), statistics.median(t["compact"])
     return [
         "| model | batch | masked train step ms | compact-training step ms | speedup |",
@@ -155,7 +163,7 @@ def main(argv=None) -> int:
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"torch.get_num_threads() = {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs; fp32, eager, {args.size}x{args.size}; ms per batch, median (min) of "
-        f"{args.repeats} round-robin runs, ratios from the medians; load average at start {load[0]:.2f}",
+        f"{args.repeats} warm round-robin runs, ratios from the medians; load average at start {load[0]:.2f}",
         "",
     ]
     out = list(header)
