@@ -454,6 +454,21 @@ def test_compact_training_form_matches_masked_training(name):
             assert torch.allclose(b, dict(masked.named_buffers())[bname], atol=1e-5), bname
 
 
+def test_compact_training_form_runs_under_autocast():
+    masked = make("cdnv2_tiny").train()
+    compact = copy.deepcopy(masked)
+    to_compact_training(compact)
+    x = example(masked, batch=4)
+    outs = []
+    for model in (masked, compact):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().sum().backward()
+        outs.append(out.float())
+    assert float((outs[0] - outs[1]).abs().max()) < 0.05 * float(outs[0].abs().max())
+    assert all(p.grad is not None for p in compact.parameters() if p.requires_grad)
+
+
 def test_unchanged_parameters_keep_their_optimizer_state_objects():
     model = make("cdnv2_tiny").train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -111,7 +111,8 @@ def sfr_gemm_add(x: torch.Tensor, a: torch.Tensor, index: torch.Tensor, weight: 
     c, hw = x.shape[1], hgt * wid
     a_g = a.reshape(b, k // groups, groups, hw).permute(2, 1, 0, 3).reshape(groups, k // groups, b * hw)
     s = torch.bmm(weight.reshape(groups, -1, k // groups), a_g)  # (G, c'/G, B*HW)
-    out = x.reshape(b * c, hw).index_add(0, _group_major_rows(index, b, c), s.view(-1, hw))
+    dt = torch.promote_types(x.dtype, s.dtype)  # as x + s would (mixed under autocast)
+    out = x.to(dt).reshape(b * c, hw).index_add(0, _group_major_rows(index, b, c), s.view(-1, hw).to(dt))
     return out.view(b, c, hgt, wid)
 
 
