@@ -85,9 +85,13 @@ def test_eval_json_defaults_to_the_checkpoint_folder_and_raw_weights(run_dir, re
 
 def test_compact_artifact_matches_the_masked_eval(run_dir, report, tmp_path):
     artifact = run_dir / "model_compact.pt"
+    bare = load(artifact)
+    bare["data"] = None  # an artifact without the run's data config needs data=...
+    torch.save(bare, tmp_path / "bare.pt")
     with pytest.raises(ConfigError, match="does not record its data config.*data=imagenet"):
-        _eval(artifact, tmp_path)
-    got = _eval(artifact, tmp_path, data=DataConfig(**TINY_DATA))
+        _eval(tmp_path / "bare.pt", tmp_path)
+    assert _eval(tmp_path / "bare.pt", tmp_path, data=DataConfig(**TINY_DATA))["samples"] == report["samples"]
+    got = _eval(artifact, tmp_path)  # the trainer's artifact records its data config and seed
     assert got["structure"] == "compact" and got["samples"] == report["samples"]
     assert got["loss"] == pytest.approx(report["loss"], abs=1e-5)
     assert abs(got["top1"] - report["top1"]) <= 100 / 128  # at most one borderline sample flips

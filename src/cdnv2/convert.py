@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .checkpoint import atomic_save
 from .errors import CheckpointError
 from .layers import CondensingConv1x1, LearnedGroupConv, LearnedLinear, SparseFeatureReactivation
 from .layers.compact import (
@@ -296,27 +297,15 @@ def model_structure(model: nn.Module) -> str:
 
 
 # ----------------------------------------------------------------------------- artifacts
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, model_name: str, model_kwargs: dict,
                  class_names: list[str] | None = None, preprocess: dict | None = None,
-                 metrics: dict | None = None) -> Path:
+                 metrics: dict | None = None, data: dict | None = None, seed: int | None = None) -> Path:
     """Write the compact inference model as ONE self-describing file.
 
     A plain dict of tensors and primitives (``torch.load(path, weights_only=True)``
-    reads it); ``load_model(path)`` rebuilds the model from it alone.
+    reads it); ``load_model(path)`` rebuilds the model from it alone. ``data`` (the
+    run's data config as a dict) and ``seed`` let ``cdnv2-eval`` rebuild the
+    validation set without ``data=...``.
     """
     structure = model_structure(compact_model)
     if structure != "compact":
@@ -335,9 +324,11 @@ def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, model_nam
         "class_names": list(class_names) if class_names is not None else None,
         "preprocess": preprocess,
         "metrics": metrics,
+        "data": data,
+        "seed": seed,
     }
     path = Path(path)
-    _atomic_save(obj, path)
+    atomic_save(obj, path)
     return path
 
 

@@ -11,7 +11,6 @@ FLOPs, parameters, file size and timings. ``export=torchscript|onnx|all`` writes
 """
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import sys
@@ -28,7 +27,6 @@ from .. import convert as convert_mod
 from ..benchmark import compare_costs, cost_rows, device_note, format_grid
 from ..condense import condensing_layers
 from ..data import DataError
-from ..engine.checkpoint import atomic_save
 from ..errors import ConfigError
 from ..export import ExportError, export_and_check, formats_for, require_onnx
 from ..flops import count_cost
@@ -79,20 +77,11 @@ def _save_artifact(out: Path, compact: torch.nn.Module, loaded: Loaded) -> Path:
     metrics = dict(loaded.metrics or {})
     if metrics:
         metrics["measured_on"] = f"{loaded.structure} model of {loaded.path.name}"
-    extra = {"data": loaded.data_config, "seed": loaded.seed}
-    params = inspect.signature(convert_mod.save_compact).parameters
-    kwargs = {k: v for k, v in extra.items() if k in params}
     convert_mod.save_compact(
         out, compact, model_name=loaded.model_name, model_kwargs=loaded.model_kwargs,
-        class_names=loaded.class_names, preprocess=loaded.preprocess, metrics=metrics or None, **kwargs,
+        class_names=loaded.class_names, preprocess=loaded.preprocess, metrics=metrics or None,
+        data=loaded.data_config, seed=loaded.seed,
     )
-    missing = {k: v for k, v in extra.items() if k not in params and v is not None}
-    if missing:
-        # The data config and seed let cdnv2-eval run the artifact without data=...; add them
-        # until save_compact takes them itself.
-        obj = torch.load(out, map_location="cpu", weights_only=True)
-        obj.update(missing)
-        atomic_save(obj, out)
     return out
 
 

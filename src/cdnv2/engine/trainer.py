@@ -8,6 +8,7 @@ from its last checkpoint and ends with the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -28,7 +29,7 @@ from ..errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingI
 from ..evaluate import EvalResult, evaluate
 from ..flops import count_cost
 from ..models import create_model, is_model, unknown_model_message
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from .config import TrainConfig, config_to_dict
 from .distributed import DistInfo, all_reduce_sum, any_rank, cleanup, init_distributed
 from .logger import MetricLogger, Progress, format_table, log
@@ -556,7 +557,7 @@ class Trainer:
             convert_mod.save_compact(
                 path, compact, model_name=self.cfg.model.name, model_kwargs=self.model.arch_kwargs(),
                 class_names=list(self.data.class_names), preprocess=self.data.eval_preprocess,
-                metrics=result.as_dict(),
+                metrics=result.as_dict(), data=dataclasses.asdict(self.cfg.data), seed=self.cfg.seed,
             )
         return {
             **result.as_dict(),
