@@ -30,7 +30,18 @@ def init_distributed(device_type: str) -> DistInfo:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is None:
+            dist.init_process_group(backend=backend)
+        else:
+            # torchrun's store outlives a restart: without a per-restart prefix the new
+            # ranks can read the dead generation's addresses and fail to connect.
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False
+            )
+            store = dist.PrefixStore(f"cdnv2/restart{restart}", store)
+            dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=world)
     return info
 
 
