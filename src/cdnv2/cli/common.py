@@ -51,10 +51,13 @@ def check_override_keys(argv: list[str], schema: Any, groups: set[str], prog: st
                 options = close or sorted(fields)
                 full = [".".join(path + [c]) for c in options]
                 hint = f"did you mean {', '.join(full)}?" if close else f"valid keys: {', '.join(full)}"
+                switch = (
+                    f" (groups you can switch with group=option: {', '.join(sorted(groups))})"
+                    if groups else ""
+                )
                 return (
                     f"{prog}: error: unknown config key {key!r} in override {arg!r}: "
-                    f"{where} has no key {part!r}; {hint} "
-                    f"(groups you can switch with group=option: {', '.join(sorted(groups))})"
+                    f"{where} has no key {part!r}; {hint}{switch}"
                 )
             path.append(part)
             sub = _dataclass_of(fields[part])
@@ -62,6 +65,24 @@ def check_override_keys(argv: list[str], schema: Any, groups: set[str], prog: st
                 break
             node = sub
     return None
+
+
+def make_main(prog: str, schema: Any, groups: set[str], config_name: str,
+              task: Callable[[Any], Any]) -> Callable[[], None]:
+    """The console entry point: check override keys (close matches), then run Hydra."""
+    import hydra
+
+    hydra_main = hydra.main(version_base="1.3", config_path="../configs", config_name=config_name)(task)
+
+    def main() -> None:
+        setup_process()
+        error = check_override_keys(sys.argv[1:], schema, groups, prog)
+        if error:
+            print(error, file=sys.stderr)
+            sys.exit(2)
+        hydra_main()
+
+    return main
 
 
 def setup_process() -> None:

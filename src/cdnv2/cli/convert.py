@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -30,7 +28,7 @@ from ..data import DataError
 from ..errors import ConfigError
 from ..export import ExportError, export_and_check, formats_for, require_onnx
 from ..flops import count_cost
-from .common import check_override_keys, run_user_command, setup_process
+from .common import make_main, run_user_command
 from .eval import resolve_device
 from .loading import CHECKPOINT_ERRORS, Loaded, load_checkpoint_any, masked_reference
 
@@ -206,17 +204,7 @@ def _run(cfg: DictConfig) -> None:
     run_user_command(PROG, lambda: run(convert_cfg), (DataError, *CHECKPOINT_ERRORS))
 
 
-_hydra_main = hydra.main(version_base="1.3", config_path="../configs", config_name="convert")(_run)
-
-
-def main() -> None:
-    setup_process()
-    error = check_override_keys(sys.argv[1:], ConvertConfig, set(), PROG)
-    if error:
-        error = error.replace(" (groups you can switch with group=option: )", "")
-        print(error, file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
+main = make_main(PROG, ConvertConfig, set(), "convert", _run)
 
 
 if __name__ == "__main__":

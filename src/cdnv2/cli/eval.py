@@ -16,12 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -34,7 +32,7 @@ from ..data import DataConfig, DataError, build_data
 from ..engine.logger import Progress, format_table
 from ..errors import ConfigError
 from ..evaluate import evaluate
-from .common import check_override_keys, run_user_command, setup_process
+from .common import make_main, run_user_command
 from .loading import CHECKPOINT_ERRORS, Loaded, describe_class_mismatch, load_checkpoint_any, masked_reference
 
 PROG = "cdnv2-eval"
@@ -298,16 +296,7 @@ def _run(cfg: DictConfig) -> None:
     run_user_command(PROG, lambda: run(eval_cfg, *data_arguments(eval_cfg)), (DataError, *CHECKPOINT_ERRORS))
 
 
-_hydra_main = hydra.main(version_base="1.3", config_path="../configs", config_name="eval")(_run)
-
-
-def main() -> None:
-    setup_process()
-    error = check_override_keys(sys.argv[1:], EvalConfig, GROUPS, PROG)
-    if error:
-        print(error, file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
+main = make_main(PROG, EvalConfig, GROUPS, "eval", _run)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -16,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data import DataError
 from ..engine import TrainConfig, train
 from ..errors import TrainingInterrupted
-from .common import check_override_keys, run_user_command, setup_process
+from .common import make_main, run_user_command
 
 PROG = "cdnv2-train"
 GROUPS = {"model", "data", "optim", "sched", "condense", "trainer", "recipe", "experiment"}
@@ -40,16 +39,7 @@ def _run(cfg: DictConfig) -> float | None:
     return compact.get("top1", report.get("top1"))  # the value sweepers optimise
 
 
-_hydra_main = hydra.main(version_base="1.3", config_path="../configs", config_name="train")(_run)
-
-
-def main() -> None:
-    setup_process()
-    error = check_override_keys(sys.argv[1:], TrainConfig, GROUPS, PROG)
-    if error:
-        print(error, file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
+main = make_main(PROG, TrainConfig, GROUPS, "train", _run)
 
 
 if __name__ == "__main__":

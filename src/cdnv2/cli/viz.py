@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ConfigError
 from ..viz import REDUCTIONS, VizError, block_connectivity, plot_connectivity, plot_curves, read_metrics
-from .common import check_override_keys, run_user_command, setup_process
+from .common import make_main, run_user_command
 from .loading import CHECKPOINT_ERRORS, load_checkpoint_any
 
 PROG = "cdnv2-viz"
@@ -97,16 +96,7 @@ def _run(cfg: DictConfig) -> None:
     run_user_command(PROG, lambda: run(viz_cfg), (VizError, *CHECKPOINT_ERRORS))
 
 
-_hydra_main = hydra.main(version_base="1.3", config_path="../configs", config_name="viz")(_run)
-
-
-def main() -> None:
-    setup_process()
-    error = check_override_keys(sys.argv[1:], VizConfig, set(), PROG)
-    if error:
-        print(error.replace(" (groups you can switch with group=option: )", ""), file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
+main = make_main(PROG, VizConfig, set(), "viz", _run)
 
 
 if __name__ == "__main__":
