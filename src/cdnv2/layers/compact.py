@@ -56,7 +56,13 @@ def _require_final(masked: nn.Module) -> None:
 
 
 class _IndexMixin:
-    """Keeps an int64 copy of the small-int ``index`` buffer for the kernels."""
+    """Keeps an int64 copy of the small-int ``index`` buffer for the kernels; builds a
+    compact layer with the shapes of a masked LGC/SFR (``empty_like``)."""
+
+    @classmethod
+    def empty_like(cls, masked: nn.Module):
+        return cls(masked.in_channels, masked.out_channels, groups=masked.groups,
+                   condense_factor=masked.condense_factor, act=masked.act_name)
 
     _index_buffer = "index"
 
@@ -206,11 +212,6 @@ class CompactLGC(_IndexMixin, nn.Module):
         self.register_buffer("index", torch.zeros(self.selected, dtype=_index_dtype(in_channels)))
 
     @classmethod
-    def empty_like(cls, masked: LearnedGroupConv) -> "CompactLGC":
-        return cls(masked.in_channels, masked.out_channels, groups=masked.groups,
-                   condense_factor=masked.condense_factor, act=masked.act_name)
-
-    @classmethod
     def from_masked(cls, masked: LearnedGroupConv) -> "CompactLGC":
         _require_final(masked)
         new = cls.empty_like(masked).to(masked.conv.weight)
@@ -259,11 +260,6 @@ class CompactTrainLGC(_IndexMixin, nn.Module):
         self.act = create_act(act)
         self.conv = nn.Conv2d(self.selected, out_channels, 1, groups=groups, bias=False)
         self.register_buffer("train_index", torch.zeros(self.selected, dtype=_index_dtype(in_channels)))
-
-    @classmethod
-    def empty_like(cls, masked: LearnedGroupConv) -> "CompactTrainLGC":
-        return cls(masked.in_channels, masked.out_channels, groups=masked.groups,
-                   condense_factor=masked.condense_factor, act=masked.act_name)
 
     @classmethod
     def from_masked(cls, masked: LearnedGroupConv, *, share_norm: bool = True) -> "CompactTrainLGC":
@@ -315,11 +311,6 @@ class CompactSFR(_IndexMixin, nn.Module):
         self.act = create_act(act)
         self.conv = nn.Conv2d(in_channels, self.produced, 1, groups=groups, bias=False)
         self.register_buffer("index", torch.zeros(self.produced, dtype=_index_dtype(out_channels)))
-
-    @classmethod
-    def empty_like(cls, masked: SparseFeatureReactivation) -> "CompactSFR":
-        return cls(masked.in_channels, masked.out_channels, groups=masked.groups,
-                   condense_factor=masked.condense_factor, act=masked.act_name)
 
     @classmethod
     def from_masked(cls, masked: SparseFeatureReactivation, *, share_norm: bool = False) -> "CompactSFR":
