@@ -3,15 +3,19 @@
 
     python scripts/bench_train.py                      # cdnv2_a/b/c, batch 32, 224x224
     python scripts/bench_train.py --variants cdnv2_a --repeats 3 --quickstart
+    python scripts/bench_train.py --loop --variants cdnv2_b --batch 16 --size 64   # the trainer's own step
 
 Prints a markdown table: images/s of one SGD step (forward, backward, update) for the
 masked model (first half of training) and the compact-training model (second half,
 after all masks are final), their ratio measured in the same run, and optionally the
-wall time of the quickstart command.
+wall time of the quickstart command. ``--loop`` times the trainer's own step instead
+(``Trainer.train_step`` + ``after_step``: loss checks, EMA, condensation schedule) on
+generated shapes data, with and without EMA, and one EMA update alone.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import subprocess
 import sys
@@ -58,6 +62,64 @@ def bench_variant(name: str, batch: int, size: int, repeats: int, device: str) -
             "masked_ips": batch / masked, "compact_ips": batch / compact, "speedup": masked / compact}
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def loop_step_ms(name: str, batch: int, size: int, repeats: int, device: str, ema: bool) -> float:
+    """Mean ms of ``Trainer.train_step`` + ``after_step`` over ``repeats`` steps after one warm-up."""
+    from cdnv2.data import DataConfig
+    from cdnv2.engine import TrainConfig, Trainer, TrainerConfig
+
+    cfg = TrainConfig(data=DataConfig(num_train=batch * (repeats + 2), num_val=batch, batch_size=batch,
+                                      image_size=size))
+    cfg.model.name = name
+    cfg.trainer = TrainerConfig(epochs=1, device=device, progress="none", ema_decay=0.9998 if ema else None)
+    cfg.resume = "never"
+    with tempfile.TemporaryDirectory() as d:
+        trainer = Trainer(cfg, d)
+        trainer.model.train()
+        batches = list(itertools.islice(trainer.data.train_loader, repeats + 1))
+        trainer.train_step(*batches[0])
+        trainer.after_step()
+        _sync(device)
+        t = time.perf_counter()
+        for images, targets in batches[1:]:
+            trainer.train_step(images, targets)
+            trainer.after_step()
+        _sync(device)
+        return 1e3 * (time.perf_counter() - t) / repeats
+
+
+def ema_update_ms(name: str, repeats: int, device: str) -> float:
+    from cdnv2.condense import ModelEMA
+
+    model = cdnv2.create_model(name).to(device)
+    ema = ModelEMA(model, 0.9998)
+    ema.update(model)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        ema.update(model)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def loop_table(args) -> None:
+    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch}, {args.size}x{args.size} shapes data, fp32, mean of {args.repeats} steps\n")
+    print("| model | trainer step (ms) | with EMA (ms) | one EMA update (ms) |")
+    print("|---|---|---|---|")
+    for name in args.variants:
+        plain = loop_step_ms(name, args.batch, args.size, args.repeats, args.device, ema=False)
+        with_ema = loop_step_ms(name, args.batch, args.size, args.repeats, args.device, ema=True)
+        ema = ema_update_ms(name, max(20, args.repeats), args.device)
+        print(f"| {name} | {plain:.1f} | {with_ema:.1f} | {ema:.2f} |", flush=True)
+
+
 def quickstart_seconds() -> float:
     exe = Path(sys.executable).parent / "cdnv2-train"
     with tempfile.TemporaryDirectory() as d:
@@ -75,7 +137,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quickstart", action="store_true", help="also time the whole quickstart run")
+    p.add_argument("--loop", action="store_true", help="time the trainer's own step (EMA, checks) instead")
     args = p.parse_args()
+    if args.loop:
+        loop_table(args)
+        return
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"batch {args.batch}, {args.size}x{args.size}, fp32, median of {args.repeats}\n")
     print("| model | masked step (ms) | compact step (ms) | masked img/s | compact img/s | compact / masked speed |")

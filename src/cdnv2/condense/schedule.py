@@ -100,6 +100,15 @@ class Condenser:
             explicit = {"lgc": self.cfg.lgc_fractions, "sfr": self.cfg.sfr_fractions}.get(kind)
             self.fire_at[name] = fire_steps(m.num_steps, total_steps, self.cfg.end_fraction, explicit)
         self.final_step = max((s[-1] for s in self.fire_at.values() if s), default=0)
+        self._fire_steps = {s for steps in self.fire_at.values() for s in steps}
+
+    def due(self, completed: int) -> bool:
+        """Whether a condensation step is scheduled after ``completed`` steps.
+
+        Host integers only: :meth:`step` reads every layer's stage from the device, which
+        the trainer must not do on every step.
+        """
+        return completed in self._fire_steps
 
     def target_stage(self, name: str, completed: int) -> int:
         return sum(1 for t in self.fire_at[name] if completed >= t)

@@ -71,12 +71,12 @@ class TrainerConfig:
 
     epochs: int = 20  # training epochs
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    amp: str = "none"  # none | bf16 | fp16 autocast (bf16 also on CPU)
     channels_last: bool = False  # NHWC memory format (CUDA)
     compile: bool = False  # torch.compile the training model
     ema_decay: Optional[float] = None  # EMA of weights, evaluated and exported; None: off
     ema_warmup: bool = True  # ramp the EMA decay up as (1+t)/(10+t) (timm); false: fixed
-    compact_training: bool = True  # compact layers once all masks are final
+    compact_training: str = "auto"  # auto | true | false; auto: per device (docs/gpu.md)
     sync_bn: bool = False  # SyncBatchNorm in distributed runs
     checkpoint_minutes: float = 10.0  # also write last.pt this often within an epoch
     stage_snapshots: bool = True  # keep a checkpoint at every condensation stage

@@ -58,11 +58,16 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device | str = "cpu") -> bool:
     """True on every rank when ``flag`` is true on any rank (e.g. a stop request)."""
+    return any_rank_each([flag], info, device)[0]
+
+
+def any_rank_each(flags: list[bool], info: DistInfo, device: torch.device | str = "cpu") -> list[bool]:
+    """:func:`any_rank` for several flags at once: one all-reduce, one host sync."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def cleanup(info: DistInfo) -> None:

@@ -29,6 +29,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD with the fused kernel: one kernel per step, and it can skip a step on the device.
+
+    The fused kernel reads ``found_inf`` (a 0-dim tensor) on the device and leaves the
+    parameters and momentum untouched when it is nonzero, which is how a non-finite step
+    is skipped without the host waiting for the device (:func:`step_unless`).
+    """
     if cfg.name != "sgd":
         raise ValueError(f"optim.name={cfg.name!r} is not supported; use 'sgd'")
     return torch.optim.SGD(
@@ -36,7 +42,45 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
         lr=lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,
+        fused=True,
     )
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved state but keep the fused kernel (older checkpoints saved ``fused=False``)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+
+
+def prime_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter a zero momentum buffer before its first update.
+
+    Fused SGD allocates missing buffers uninitialised on its first step, so a first step
+    skipped on the device would leave garbage in them. With zero dampening (ours) an update
+    from a zero buffer equals torch's first update (buffer = gradient) bit for bit.
+    """
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        if group["dampening"] != 0:
+            raise ValueError("prime_momentum needs dampening=0")
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """``optimizer.step()``, a no-op on the device where ``found_inf`` (0-dim float) is nonzero.
+
+    The protocol torch's GradScaler uses with fused optimizers: no host synchronisation.
+    """
+    optimizer.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, cfg: SchedConfig) -> float:

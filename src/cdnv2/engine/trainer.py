@@ -31,9 +31,10 @@ from ..flops import count_cost
 from ..models import create_model, is_model, unknown_model_message
 from .. import checkpoint as ckpt
 from .config import TrainConfig, config_to_dict
-from .distributed import DistInfo, all_reduce_sum, any_rank, cleanup, init_distributed
+from .distributed import DistInfo, all_reduce_sum, any_rank_each, cleanup, init_distributed
+from .health import HealthWindow, StepHealth
 from .logger import MetricLogger, Progress, format_table, log
-from .optim import build_optimizer, lr_at, resolve_lr, set_lr
+from .optim import build_optimizer, load_optimizer_state, lr_at, prime_momentum, resolve_lr, set_lr, step_unless
 
 _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,6 +53,21 @@ def resolve_device(name: str, dist: DistInfo) -> torch.device:
     return torch.device(name)
 
 
+def resolve_compact_training(value, device: torch.device) -> bool:
+    """``trainer.compact_training``: true, false or auto (the form that measured faster).
+
+    auto: compact training on CPU, where it measured 1.1-1.5x the masked step
+    (docs/convert.md); the masked form on other devices until ``scripts/gpu_check.py``
+    has measured the compact form faster there (docs/gpu.md).
+    """
+    v = str(value).lower()
+    if v == "auto":
+        return device.type == "cpu"
+    if v in ("true", "false"):
+        return v == "true"
+    raise ConfigError(f"trainer.compact_training={value!r}: use auto, true or false")
+
+
 def _validate(cfg: TrainConfig) -> None:
     t = cfg.trainer
     if not is_model(cfg.model.name):
@@ -60,6 +76,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"trainer.epochs must be >= 1, got {t.epochs}")
     if t.amp not in _AMP:
         raise ConfigError(f"trainer.amp={t.amp!r}: use one of {sorted(_AMP)}")
+    if str(t.compact_training).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"trainer.compact_training={t.compact_training!r}: use auto, true or false")
     if t.nan_policy not in ("raise", "skip"):
         raise ConfigError(f"trainer.nan_policy={t.nan_policy!r}: use raise or skip")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
@@ -122,14 +140,18 @@ class Trainer:
             ModelEMA(self.model, cfg.trainer.ema_decay, warmup=cfg.trainer.ema_warmup)
             if cfg.trainer.ema_decay else None
         )
-        self.autocast_dtype = _AMP[cfg.trainer.amp] if self.device.type == "cuda" else None
-        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.compact_training = resolve_compact_training(cfg.trainer.compact_training, self.device)
+        self.autocast_dtype = _AMP[cfg.trainer.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
 
         self.step = 0  # completed optimizer steps
         self.epoch = 0  # completed epochs
         self.batch_in_epoch = 0  # completed batches of the current epoch
         self.best_top1 = -1.0
         self.bad_steps = 0
+        self.health = StepHealth(self.dist)  # per-step loss flags, looked at every log_every steps
+        self._momentum_primed = False  # momentum buffers primed (see train_step)
+        self._last_save = time.monotonic()
         self.train_seconds = 0.0
         self.last_eval: dict = {}
         self.last_checkpoint: Path | None = None
@@ -156,9 +178,10 @@ class Trainer:
 
     def _compact_training_due(self) -> bool:
         return (
-            self.cfg.trainer.compact_training
+            self.compact_training
             and self.structure == "masked"
             and bool(self.condenser.layers)
+            and self.step >= self.condenser.final_step  # host integers first: done reads the device
             and self.condenser.done
         )
 
@@ -167,6 +190,7 @@ class Trainer:
         convert_mod.to_compact_training(self.model, self.optimizer)
         if self.ema is not None:
             convert_mod.to_compact_training(self.ema.module)
+            self.ema.sync_structure(self.model)  # new modules: rebuild the EMA's tensor lists
         self.structure = "compact_train"
         self.train_model = self._wrap(self.model)
         log.info("step %d: all masks final, switched to compact training layers", self.step)
@@ -251,7 +275,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema_state"] or state["model_state"])
             self.ema.updates = state.get("ema_updates", 0)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
@@ -271,7 +295,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ saving
     def save(self, name: str = "last.pt") -> Path | None:
-        """Rank 0 writes a checkpoint; refuse to persist non-finite weights."""
+        """Rank 0 writes a checkpoint; refuse to persist non-finite weights.
+
+        Every rank that calls it first looks at the steps since the last look, so a
+        non-finite loss under nan_policy=raise stops the run before anything is written.
+        """
+        self._collect_health()
         if not self.is_main:
             return None
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
@@ -323,25 +352,23 @@ class Trainer:
             self.steps_per_epoch - start, f"epoch {epoch + 1}/{self.cfg.trainer.epochs}",
             self.cfg.trainer.progress, self.cfg.trainer.log_every, self.is_main,
         )
-        last_save = time.monotonic()
+        self._last_save = time.monotonic()
         tick, seen = time.perf_counter(), 0
         for images, targets in self.data.train_loader:
             if self.batch_in_epoch >= self.steps_per_epoch:
                 break
-            loss = self.train_step(images, targets)
+            self.train_step(images, targets)
             seen += images.shape[0]
             self.batch_in_epoch += 1
             self.after_step()
-            if loss is not None and (self.step % self.cfg.trainer.log_every == 0 or self.step == 1):
-                elapsed = time.perf_counter() - tick
-                self._log_train(loss, seen * self.dist.world_size / max(elapsed, 1e-9))
+            shown = {}
+            if self.step % self.cfg.trainer.log_every == 0 or self.step == 1:
+                loss = self._log_train(seen * self.dist.world_size, tick)
+                shown = {"loss": f"{loss:.3f}" if loss is not None else "skip"}
                 tick, seen = time.perf_counter(), 0
-            bar.update(1, loss=f"{loss:.3f}" if loss is not None else "skip")
+            bar.update(1, **shown)
             if os.environ.get("CDNV2_TEST_STEP_SLEEP"):  # test hook: slow steps for signal tests
                 time.sleep(float(os.environ["CDNV2_TEST_STEP_SLEEP"]))
-            if time.monotonic() - last_save > 60 * self.cfg.trainer.checkpoint_minutes:
-                self.save()
-                last_save = time.monotonic()
             self._check_stop()
         bar.close()
 
@@ -365,58 +392,73 @@ class Trainer:
             loss = loss + self.condenser.lasso_penalty()
         return loss
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> float | None:
-        """One optimizer step; returns the loss, or None for a skipped non-finite step."""
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        """One optimizer step, skipped on the device when the loss is not finite.
+
+        Nothing here waits for the device: the loss's finite flag gates the fused
+        optimizer and the EMA as a device tensor, and the host looks at the flags and
+        losses every ``log_every`` steps and before every checkpoint (:meth:`_collect_health`).
+        """
         t0 = time.perf_counter()
         lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.sched)
         set_lr(self.optimizer, lr)
         loss = self._forward_loss(images, targets)
-        if not any_rank(not bool(torch.isfinite(loss)), self.dist, self.device):
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
-            else:
-                loss.backward()
-            if self.cfg.optim.grad_clip:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.model)
-            value = float(loss.detach())
-        else:
-            value = self._bad_step(lr)
-        self.train_seconds += time.perf_counter() - t0
-        return value
-
-    def _bad_step(self, lr: float) -> None:  # returns None: the step's loss is void
+        bad = self.health.record(self.step + 1, loss)
+        if not self._momentum_primed:  # once per process: see prime_momentum
+            prime_momentum(self.optimizer)
+            self._momentum_primed = True
         self.optimizer.zero_grad(set_to_none=True)
-        self.bad_steps += 1
-        where = (
-            f"non-finite loss at step {self.step + 1} (epoch {self.epoch + 1}, lr {lr:.4g}); "
-            f"the last good checkpoint is {self.last_checkpoint or 'none yet'}"
-        )
-        if self.cfg.trainer.nan_policy == "raise":
-            raise NonFiniteLossError(
-                where + ". Lower optim.lr or enable optim.grad_clip, then re-run to resume; or set "
-                "trainer.nan_policy=skip to skip such steps."
+        if self.scaler:
+            # A non-finite loss must make the scaler skip the step too: poison every gradient.
+            poison = torch.where(bad > 0, float("nan"), 1.0)
+            self.scaler.scale(loss * poison).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.cfg.optim.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # fused SGD: the skip is decided on the device
+            self.scaler.update()
+        else:
+            step_unless(self.optimizer, bad)
+        if self.ema is not None:
+            self.ema.update(self.model, apply=1.0 - bad)
+        self.train_seconds += time.perf_counter() - t0
+
+    def _collect_health(self) -> HealthWindow:
+        """Look at the steps since the last look (one host sync); account for bad ones."""
+        window = self.health.collect()
+        if window.bad_steps:
+            self._bad_step(window.bad_steps)
+        return window
+
+    def _bad_step(self, steps: list[int]) -> None:
+        """Count steps whose loss was not finite (the device already skipped them)."""
+        for step in steps:
+            self.bad_steps += 1
+            lr = lr_at(step - 1, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.sched)
+            where = (
+                f"non-finite loss at step {step} (epoch {(step - 1) // self.steps_per_epoch + 1}, "
+                f"lr {lr:.4g}); the last good checkpoint is {self.last_checkpoint or 'none yet'}"
             )
-        if self.bad_steps > self.cfg.trainer.max_bad_steps:
-            raise NonFiniteLossError(
-                where + f"; {self.bad_steps} steps skipped, more than trainer.max_bad_steps="
-                f"{self.cfg.trainer.max_bad_steps}"
-            )
-        log.warning("%s: step skipped (%d so far)", where, self.bad_steps)
-        return None
+            if self.cfg.trainer.nan_policy == "raise":
+                raise NonFiniteLossError(
+                    where + ". Lower optim.lr or enable optim.grad_clip, then re-run to resume; or set "
+                    "trainer.nan_policy=skip to skip such steps."
+                )
+            if self.bad_steps > self.cfg.trainer.max_bad_steps:
+                raise NonFiniteLossError(
+                    where + f"; {self.bad_steps} steps skipped, more than trainer.max_bad_steps="
+                    f"{self.cfg.trainer.max_bad_steps}"
+                )
+            log.warning("%s: step skipped (%d so far)", where, self.bad_steps)
 
     def after_step(self) -> None:
         """Count the step, apply due condensation stages, maybe swap to compact layers."""
         self.step += 1
-        event = self.condenser.step(self.step) if self.structure == "masked" else None
+        due = self.structure == "masked" and self.condenser.due(self.step)  # host integers only
+        event = self.condenser.step(self.step) if due else None
         if event is not None:
             if self.ema is not None:
                 self.ema.sync_structure(self.model)
@@ -430,28 +472,46 @@ class Trainer:
                 )
             if self.cfg.trainer.stage_snapshots:
                 self.save(f"condense-step{self.step:07d}.pt")
-        if self._compact_training_due():
-            self._swap_to_compact_training()
+            if self._compact_training_due():
+                self._swap_to_compact_training()
         _test_kill_hook(self.step, self.dist)
 
     def _check_stop(self) -> None:
-        if any_rank(self._stop_signal is not None, self.dist, self.device):
+        """Stop on a signal, or write the periodic checkpoint, on every rank at the same step.
+
+        One process: host flags, looked at every step. Under torchrun: one all-reduce of
+        both flags every ``log_every`` steps, so a signal stops the run at the next such step.
+        """
+        stop = self._stop_signal is not None
+        save_due = time.monotonic() - self._last_save > 60 * self.cfg.trainer.checkpoint_minutes
+        if self.dist.enabled:
+            if self.step % self.cfg.trainer.log_every:
+                return
+            stop, save_due = any_rank_each([stop, save_due], self.dist, self.device)
+        if stop:
             path = self.save()
             raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, str(path) if path else None)
+        if save_due:
+            self.save()
+            self._last_save = time.monotonic()
 
     def _epoch_float(self) -> float:
         return self.epoch + self.batch_in_epoch / self.steps_per_epoch
 
-    def _log_train(self, loss: float, images_per_second: float) -> None:
+    def _log_train(self, images: int, since: float) -> float | None:
+        """Log the mean loss of the good steps since the last look; returns it (None: none)."""
+        window = self._collect_health()  # waits for the device: the rate below is real
         metrics = {
-            "train/loss": loss,
             "train/lr": self.optimizer.param_groups[0]["lr"],
-            "train/images_per_second": images_per_second,
+            "train/images_per_second": images / max(time.perf_counter() - since, 1e-9),
         }
+        if window.loss is not None:
+            metrics["train/loss"] = window.loss
         if self.condenser.lasso_active(self.step) and self.structure == "masked":
             with torch.no_grad():
                 metrics["train/lasso"] = float(self.condenser.lasso_penalty())
         self.logger.log(self.step, self._epoch_float(), metrics)
+        return window.loss
 
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
