@@ -3,7 +3,7 @@
 
     python scripts/bench_train.py                      # cdnv2_a/b/c, batch 32, 224x224
     python scripts/bench_train.py --variants cdnv2_a --repeats 3 --quickstart
-    python scripts/bench_train.py --loop --variants cdnv2_b --batch 16 --size 64   # the trainer's own step
+    python scripts/bench_train.py --loop --variants cdnv2_b --batch 8 --size 64 --threads 1  # trainer's step
 
 Prints a markdown table: images/s of one SGD step (forward, backward, update) for the
 masked model (first half of training) and the compact-training model (second half,
@@ -92,17 +92,23 @@ def loop_step_ms(name: str, batch: int, size: int, repeats: int, device: str, em
         return 1e3 * (time.perf_counter() - t) / repeats
 
 
-def ema_update_ms(name: str, repeats: int, device: str) -> float:
+def ema_update_ms(name: str, repeats: int, device: str, gated: bool = False) -> float | None:
+    """Median ms of one ``ModelEMA.update``; ``gated``: the trainer's form (a device flag)."""
+    import inspect
+
     from cdnv2.condense import ModelEMA
 
     model = cdnv2.create_model(name).to(device)
     ema = ModelEMA(model, 0.9998)
-    ema.update(model)
+    if gated and "apply" not in inspect.signature(ema.update).parameters:
+        return None  # older code: no gated form
+    kwargs = {"apply": torch.ones((), device=device)} if gated else {}
+    ema.update(model, **kwargs)
     times = []
     for _ in range(repeats):
         _sync(device)
         t = time.perf_counter()
-        ema.update(model)
+        ema.update(model, **kwargs)
         _sync(device)
         times.append(time.perf_counter() - t)
     return 1e3 * statistics.median(times)
@@ -111,13 +117,15 @@ def ema_update_ms(name: str, repeats: int, device: str) -> float:
 def loop_table(args) -> None:
     print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"batch {args.batch}, {args.size}x{args.size} shapes data, fp32, mean of {args.repeats} steps\n")
-    print("| model | trainer step (ms) | with EMA (ms) | one EMA update (ms) |")
-    print("|---|---|---|---|")
+    print("| model | trainer step (ms) | with EMA (ms) | EMA update (ms) | gated EMA update (ms) |")
+    print("|---|---|---|---|---|")
     for name in args.variants:
         plain = loop_step_ms(name, args.batch, args.size, args.repeats, args.device, ema=False)
         with_ema = loop_step_ms(name, args.batch, args.size, args.repeats, args.device, ema=True)
         ema = ema_update_ms(name, max(20, args.repeats), args.device)
-        print(f"| {name} | {plain:.1f} | {with_ema:.1f} | {ema:.2f} |", flush=True)
+        gated = ema_update_ms(name, max(20, args.repeats), args.device, gated=True)
+        gated_text = f"{gated:.2f}" if gated is not None else "-"
+        print(f"| {name} | {plain:.1f} | {with_ema:.1f} | {ema:.2f} | {gated_text} |", flush=True)
 
 
 def quickstart_seconds() -> float:
@@ -138,7 +146,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quickstart", action="store_true", help="also time the whole quickstart run")
     p.add_argument("--loop", action="store_true", help="time the trainer's own step (EMA, checks) instead")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.loop:
         loop_table(args)
         return

@@ -181,8 +181,11 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=None, help="timed steps per row")
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     p.add_argument("--no-quickstart", dest="run_quickstart", action="store_false")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default with --quick: 1)")
     args = p.parse_args(argv)
     q = args.quick
+    if args.threads or q:  # a shared CPU: one thread avoids OpenMP spin-waits under load
+        torch.set_num_threads(args.threads or 1)
     args.variants = args.variants or (["cdnv2_tiny"] if q else ["cdnv2_a", "cdnv2_b", "cdnv2_c"])
     args.batch = args.batch or (8 if q else 256)
     args.size = args.size or (32 if q else 224)
