@@ -617,5 +617,6 @@ def _test_kill_hook(step: int, dist: DistInfo) -> None:
 
 def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     """Run (or resume) a whole training run in ``run_dir``; returns the report dict."""
+    validate_config(cfg)  # before the run directory is made
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, run_dir).fit()

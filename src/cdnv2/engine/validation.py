@@ -267,7 +267,10 @@ def model_facts(name: str, overrides: dict) -> ModelFacts:
     """Build ``name`` with ``overrides`` on the meta device (no memory, no RNG draws) and
     read its total stride and condensation steps; raise ConfigError if it cannot be built."""
     if not is_model(name):
-        raise ConfigError(f"model.name={name!r}: {unknown_model_message(name)} (cdnv2.list_models() lists them).")
+        raise ConfigError(
+            f"model.name={name!r}: {unknown_model_message(name)}; use model=<name> with a registered "
+            "name (cdnv2.list_models() lists them)."
+        )
     return _model_facts(name, json.dumps(overrides, sort_keys=True))
 
 
