@@ -83,7 +83,10 @@ def check_data_config(cfg: DataConfig, world_size: int = 1) -> None:
     for key in ("mean", "std"):
         value = getattr(cfg, key)
         if value is not None and (len(value) != 3 or not all(math.isfinite(v) for v in value)):
-            raise DataError(f"data.{key}={list(value)} needs 3 finite values (R, G, B); give three, or null for the dataset's own.")
+            raise DataError(
+                f"data.{key}={list(value)} needs 3 values (R, G, B), all finite; give three, or null "
+                "for the dataset's own."
+            )
     if cfg.std is not None and min(cfg.std) <= 0:
         raise DataError(f"data.std={list(cfg.std)} must be positive; give three positive values, or null.")
     _check_randaugment(cfg)

@@ -55,8 +55,8 @@ def to_8bit(img: Image.Image) -> Image.Image:
     """16-bit, 32-bit integer and float grey images as 8-bit "L", scaled rather than clipped.
 
     Integers are read as fractions of their full scale: "I;16" of 65535; "I" (PIL's mode
-    for 16- and 32-bit data alike) of the smallest of 255, 65535 and 2**32 - 1 that holds
-    the image's largest value (the signed range if a value is negative). Floats in [0, 1]
+    for 16- and 32-bit data alike) of the smallest of 255, 65535 and 2**31 - 1 that holds
+    the image's largest value (the signed 32-bit range if a value is negative). Floats in [0, 1]
     are fractions, floats in [0, 255] are 8-bit values; any other range is stretched
     from the image's own minimum to its maximum. Other modes are returned unchanged.
     """
@@ -77,7 +77,7 @@ def to_8bit(img: Image.Image) -> Image.Image:
     elif lo < 0:
         low, full = -(2.0**31), 2.0**32 - 1
     else:
-        low, full = 0.0, next(f for f in (255.0, 65535.0, 2.0**32 - 1) if hi <= f)
+        low, full = 0.0, next(f for f in (255.0, 65535.0, 2.0**31 - 1) if hi <= f)
     scaled = np.clip(np.rint((values - low) * (255.0 / full)), 0, 255).astype(np.uint8)
     return Image.fromarray(scaled, mode="L")
 

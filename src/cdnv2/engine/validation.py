@@ -92,7 +92,9 @@ def _type_ok(value: Any, tp: Any) -> bool:
 def _check_types(obj: Any, schema: type, prefix: str) -> None:
     if not isinstance(obj, schema):
         where = prefix.rstrip(".") or "the config"
-        raise ConfigError(f"{where} is a {type(obj).__name__}, not a {schema.__name__}; build it as {schema.__name__}(...).")
+        raise ConfigError(
+            f"{where} is a {type(obj).__name__}, not a {schema.__name__}; build it as {schema.__name__}(...)."
+        )
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
         key, value, tp = prefix + f.name, getattr(obj, f.name), hints[f.name]
