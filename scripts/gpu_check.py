@@ -179,7 +179,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps per row")
-    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    p.add_argument("--precisions", nargs="+", default=None, choices=PRECISIONS,
+                   help="default: all three on CUDA; fp32 and bf16 on CPU (fp16 training is CUDA-only)")
     p.add_argument("--no-quickstart", dest="run_quickstart", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default with --quick: 1)")
     args = p.parse_args(argv)
@@ -194,6 +195,7 @@ def main(argv=None) -> None:
     args.infer_repeats = 2 if q else 20
     args.quickstart_epochs = 1 if q else 2
     device = torch.device(args.device)
+    args.precisions = args.precisions or (list(PRECISIONS) if device.type == "cuda" else ["fp32", "bf16"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

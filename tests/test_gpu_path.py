@@ -178,8 +178,14 @@ def test_steady_state_step_reads_nothing_back(tmp_path, monkeypatch):
     assert window.bad_steps == [] and window.loss is not None
 
 
+def _allow_fp16_on_cpu(monkeypatch) -> None:
+    """Users get fp16 on CUDA only (validation); the GradScaler logic itself runs on CPU too."""
+    monkeypatch.setattr("cdnv2.engine.trainer.validate_config", lambda cfg: None)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_autocast_training_steps_on_cpu_masked_and_compact(tmp_path, precision):
+def test_autocast_training_steps_on_cpu_masked_and_compact(tmp_path, monkeypatch, precision):
+    _allow_fp16_on_cpu(monkeypatch)
     cfg = _config(amp=precision, compact_training="true")
     trainer = Trainer(cfg, tmp_path)
     assert (trainer.scaler is not None) == (precision == "fp16")
@@ -189,17 +195,21 @@ def test_autocast_training_steps_on_cpu_masked_and_compact(tmp_path, precision):
         trainer.train_step(*next(loader))
         params = list(trainer.model.parameters())
         assert all(p.dtype == torch.float32 for p in params)
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params if p.requires_grad)
+        assert all(p.grad is not None for p in params if p.requires_grad)
         if precision == "bf16":  # fp16: the scaler may skip early steps (overflow), by design
+            assert all(torch.isfinite(p.grad).all() for p in params if p.requires_grad)
             assert any(not torch.equal(p, q) for p, q in zip(params, before))
         trainer.after_step()
     assert trainer.structure == "compact_train"  # both forms ran
+    if trainer.scaler is not None:
+        assert 0 < trainer.scaler.get_scale() < float("inf")
     window = trainer._collect_health()
     assert window.bad_steps == [] and window.loss is not None and window.loss == window.loss
 
 
 def test_fp16_scaler_skips_a_bad_step_exactly(tmp_path, monkeypatch):
     _nan_at(monkeypatch, {2})
+    _allow_fp16_on_cpu(monkeypatch)
     trainer = Trainer(_config(amp="fp16", nan_policy="skip"), tmp_path)
     loader = iter(trainer.data.train_loader)
     trainer.train_step(*next(loader))
@@ -232,7 +242,7 @@ def test_gpu_check_runs_on_cpu_without_hydra():
         "        if name.split('.')[0] in ('hydra', 'omegaconf'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        f"sys.argv = ['gpu_check.py', '--quick', '--device', 'cpu', '--precisions', 'fp32', 'bf16']\n"
+        "sys.argv = ['gpu_check.py', '--quick', '--device', 'cpu']\n"
         f"runpy.run_path({str(ROOT / 'scripts/gpu_check.py')!r}, run_name='__main__')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
