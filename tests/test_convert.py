@@ -151,6 +151,22 @@ def test_fused_path_switches_between_inference_mode_and_no_grad():
         assert max_rel_diff(masked(x), b) < 1e-4
 
 
+def test_fused_forward_leaves_the_modules_unchanged_and_collectable():
+    import gc
+    import weakref
+
+    compact = convert_model(make("cdnv2_tiny"))
+    before = {n: dict(vars(m)) for n, m in compact.named_modules()}
+    with torch.no_grad():
+        compact(example(compact))  # builds plans (kept in side stores, not on the modules)
+    after = {n: dict(vars(m)) for n, m in compact.named_modules()}
+    assert {n: set(d) for n, d in after.items()} == {n: set(d) for n, d in before.items()}
+    ref = weakref.ref(compact)
+    del compact, before, after
+    gc.collect()
+    assert ref() is None  # the side stores do not keep a model alive
+
+
 def test_hooks_added_after_a_fused_call_still_fire():
     masked = make("cdnv2_tiny")
     compact = convert_model(masked)

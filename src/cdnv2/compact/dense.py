@@ -18,8 +18,8 @@ from ..layers import CompactLGC, CompactSFR, PreActConv
 from .fused_plan import forget_plan
 from .fused_run import is_pool2, run_block
 
-# module -> list(module.modules()): walking ~600 modules per call costs ~2 ms on cdnv2_c;
-# train() / eval() refresh it.
+# module -> its submodules (without itself, so the entry does not keep the module alive):
+# walking ~600 modules per call costs ~2 ms on cdnv2_c; train() / eval() refresh it.
 _SUBMODULES: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
@@ -40,9 +40,11 @@ def _fused_ok(module: nn.Module) -> bool:
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
+    if module._forward_hooks or module._forward_pre_hooks:
+        return False
     mods = _SUBMODULES.get(module)
     if mods is None:
-        mods = _SUBMODULES[module] = list(module.modules())
+        mods = _SUBMODULES[module] = list(module.modules())[1:]
     return not any(m._forward_hooks or m._forward_pre_hooks for m in mods)
 
 

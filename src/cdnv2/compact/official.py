@@ -1,4 +1,8 @@
-"""Read the official CondenseNetV2 release files (SPEC 7) into our models.
+"""Official CondenseNetV2 release files (SPEC 7): recognise them, map them onto our models.
+
+:func:`official_state_dict` / :func:`guess_official_variant` recognise a file's dict and
+its variant; :func:`build_official_model` turns its state dict into our model. Files are
+read by :func:`cdnv2.checkpoint.load_official_checkpoint` / ``open_checkpoint``.
 
 The official model names its modules like ours (``features.denseblock_{b}.denselayer_{l}``
 with ``conv_1`` / ``conv_2`` / ``se`` / ``sfr``), so most keys map one to one. The
