@@ -11,7 +11,7 @@ import torch
 
 import cdnv2
 from cdnv2.condense import ModelEMA, condensing_layers
-from cdnv2.convert import to_compact_training
+from cdnv2.compact import to_compact_training
 from cdnv2.data import DataConfig
 from cdnv2.engine import TrainConfig, Trainer, TrainerConfig, train
 from cdnv2.engine.trainer import resolve_compact_training
