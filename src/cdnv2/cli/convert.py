@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..export import ExportError, export_and_check, formats_for, require_onnx
 from ..flops import count_cost
 from .common import make_main, run_user_command
-from .eval import resolve_device
+from ..engine.runtime import resolve_device
 from .loading import CHECKPOINT_ERRORS, Loaded, load_checkpoint_any, masked_reference
 
 PROG = "cdnv2-convert"
@@ -204,7 +204,7 @@ def _run(cfg: DictConfig) -> None:
     run_user_command(PROG, lambda: run(convert_cfg), (DataError, *CHECKPOINT_ERRORS))
 
 
-main = make_main(PROG, ConvertConfig, set(), "convert", _run)
+main = make_main(PROG, "convert", _run)
 
 
 if __name__ == "__main__":
