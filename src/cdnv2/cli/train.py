@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, Iterable
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -63,11 +63,14 @@ def build_callbacks(specs: Dict[str, Any]) -> list[Callback]:
     return built
 
 
-def run_command(cfg: TrainCommandConfig, run_dir: str) -> dict:
-    """Set the process up as the config says, then train (what the console command does)."""
+def run_command(cfg: TrainCommandConfig, run_dir: str, callbacks: Iterable[Callback] = ()) -> dict:
+    """Set the process up as the config says, then train (what the console command does).
+
+    ``callbacks`` run after those the config names.
+    """
     t = cfg.trainer
     configure_runtime(t.device, deterministic=t.deterministic, threads=t.threads, seed=cfg.seed, key="trainer.")
-    callbacks = build_callbacks(cfg.callbacks)
+    callbacks = build_callbacks(cfg.callbacks) + list(callbacks)
     run_cfg = TrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)})
     return train(run_cfg, run_dir, callbacks)
 
