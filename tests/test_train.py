@@ -109,7 +109,7 @@ def test_multirun_sweep_writes_summary(tmp_path):
     [
         ("trainer.epoch=3", "trainer has no key 'epoch'; did you mean trainer.epochs?"),
         ("+trainer.foo=1", "trainer has no key 'foo'"),
-        ("+seeds=1", "the top level has no key 'seeds'; did you mean seed?"),
+        ("+seeds=1", "the top level has no key 'seeds'; did you mean seed"),
         ("optim.lr=abc", "optim.lr: Value 'abc'"),
         ("trainer.epochs=3.5", "trainer.epochs"),
         ("model=cdnv2_x", "model=cdnv2_x: no such option in group 'model'; did you mean"),
