@@ -30,7 +30,7 @@ from ..benchmark import compare_costs, cost_rows, device_note, format_grid
 from ..condense import condensing_layers
 from ..data import DataConfig, build_data
 from ..engine.logger import Progress, format_table
-from ..engine.runtime import configure_runtime, resolve_device
+from ..engine.runtime import configure_runtime, deterministic_mode, resolve_device
 from ..errors import ConfigError
 from ..evaluate import evaluate
 from .common import make_main, run_user_command
@@ -181,6 +181,8 @@ def load(cfg: EvalConfig) -> Loaded:
         )
     if cfg.cost_batch < 1 or cfg.bench_seconds < 0:
         raise ConfigError(f"cost_batch={cfg.cost_batch} must be >= 1 and bench_seconds={cfg.bench_seconds} >= 0")
+    deterministic_mode(cfg.deterministic)  # a bad value fails before the file is read
+    resolve_device(cfg.device)
     return load_checkpoint_any(cfg.checkpoint, weights=cfg.weights, official=cfg.official)
 
 
