@@ -39,3 +39,7 @@ class DataError(UserError):
 
 class ScheduleError(UserError, ValueError):
     """The model's masks do not agree with the condensation schedule (e.g. a resumed checkpoint)."""
+
+
+class ParityError(UserError, ValueError):
+    """The compact model does not reproduce the masked model's outputs."""

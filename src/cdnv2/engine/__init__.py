@@ -3,6 +3,7 @@ from .callbacks import Callback
 from .config import ModelConfig, OptimConfig, SchedConfig, TrainConfig, TrainerConfig, config_to_dict
 from .runtime import configure_runtime, resolve_device
 from .trainer import Trainer, summary_table, train
+from .validation import validate_config
 
 __all__ = [
     "Callback",
@@ -17,4 +18,5 @@ __all__ = [
     "resolve_device",
     "summary_table",
     "train",
+    "validate_config",
 ]
