@@ -40,7 +40,7 @@ def check_override_keys(argv: list[str], schema: Any, groups: set[str], prog: st
         if arg.startswith("-") or "=" not in arg:
             continue
         key = arg.split("=", 1)[0].lstrip("+~")
-        if key.startswith("hydra.") or key == "hydra" or "@" in key or key in groups:
+        if key.startswith(("hydra.", "hydra/")) or key == "hydra" or "@" in key or key in groups:
             continue
         node, path = schema, []
         for part in key.split("."):
