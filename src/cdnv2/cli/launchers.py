@@ -70,14 +70,14 @@ def job_resources(gpus: int, tasks_per_node: Optional[int], time: str) -> dict[s
 
 def _record_death(run_dir: Path, error: BaseException) -> None:
     """A job whose process died wrote no end record: write it for the summary."""
-    from .sweeps import _one_line, _write_record, read_record
+    from .sweeps import one_line, read_record, write_record
 
     if not run_dir.is_dir():
         return
     record = read_record(run_dir) or {}
     if record.get("status") in (None, "running"):
-        record.update(status="died", exit_code=None, reason=_one_line(f"{type(error).__name__}: {error}"))
-        _write_record(run_dir, record)
+        record.update(status="died", exit_code=None, reason=one_line(f"{type(error).__name__}: {error}"))
+        write_record(run_dir, record)
 
 
 class SweepPointLauncher:

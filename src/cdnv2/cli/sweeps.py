@@ -21,7 +21,6 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-
 from ..errors import TrainingInterrupted, UserError
 
 log = logging.getLogger("cdnv2")
@@ -112,13 +111,13 @@ def read_record(run_dir: str | Path) -> dict | None:
         return None
 
 
-def _write_record(run_dir: Path, record: dict) -> None:
+def write_record(run_dir: Path, record: dict) -> None:
     tmp = run_dir / (JOB_RECORD + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, run_dir / JOB_RECORD)
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 300) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
@@ -139,7 +138,7 @@ def _finished_before(run_dir: Path, overrides: list[str]) -> dict | None:
 
 
 def run_sweep_job(prog: str, run_dir: str | Path, overrides: list[str], go: Callable[[], dict],
-                  latency: Callable[[Path], float | None]) -> dict | None:
+                  latency: Callable[[Path], float | None], extra_errors: tuple = ()) -> dict | None:
     """Run one job of a sweep; record how it ended instead of ending the sweep.
 
     Returns the run's report (None when the job failed). User errors, bugs and
@@ -155,7 +154,7 @@ def run_sweep_job(prog: str, run_dir: str | Path, overrides: list[str], go: Call
     record: dict[str, Any] = {"overrides": list(overrides), "status": "running", "exit_code": None,
                               "reason": "", "compact_latency_ms": None}
     if _is_main_rank():
-        _write_record(run_dir, record)
+        write_record(run_dir, record)
     report = None
     with _Preemption() as preemption:
         try:
@@ -163,22 +162,22 @@ def run_sweep_job(prog: str, run_dir: str | Path, overrides: list[str], go: Call
             if _is_main_rank():
                 record["compact_latency_ms"] = latency(run_dir)
             record.update(status="finished", exit_code=0)
-        except UserError as e:
-            record.update(status="failed", exit_code=e.exit_code, reason=_one_line(e))
+        except (UserError, *extra_errors) as e:
+            record.update(status="failed", exit_code=getattr(e, "exit_code", 2), reason=one_line(e))
             print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         except TrainingInterrupted as e:
-            record.update(status="interrupted", exit_code=e.exit_code, reason=_one_line(e))
+            record.update(status="interrupted", exit_code=e.exit_code, reason=one_line(e))
             if _is_main_rank():
-                _write_record(run_dir, record)
+                write_record(run_dir, record)
             if preemption.received:
                 preemption.requeue()
             print(f"{prog}: {e}; re-run the same command to resume the sweep", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
         except Exception as e:  # a bug: show it, record it, keep sweeping
             traceback.print_exc()
-            record.update(status="failed", exit_code=1, reason=_one_line(f"{type(e).__name__}: {e}"))
+            record.update(status="failed", exit_code=1, reason=one_line(f"{type(e).__name__}: {e}"))
     if _is_main_rank():
-        _write_record(run_dir, record)
+        write_record(run_dir, record)
     return report
 
 

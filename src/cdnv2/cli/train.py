@@ -45,9 +45,15 @@ def _run(cfg: DictConfig) -> float | None:
             print(f"{PROG}: {e}; re-run the same command to resume", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
 
-    report = run_user_command(PROG, go, (DataError,))
+    return _objective(run_user_command(PROG, go, (DataError,)))
+
+
+def _objective(report: dict | None) -> float | None:
+    """The value single-objective sweepers optimise: compact top-1 (masked when none)."""
+    if report is None:
+        return None
     compact = report.get("compact") or {}
-    return compact.get("top1", report.get("top1"))  # the value sweepers optimise
+    return compact.get("top1", report.get("top1"))
 
 
 def _sweep_job(train_cfg: TrainConfig, run_dir: str, overrides: list[str]) -> float | None:
@@ -56,12 +62,9 @@ def _sweep_job(train_cfg: TrainConfig, run_dir: str, overrides: list[str]) -> fl
     device = train_cfg.trainer.device
     report = run_sweep_job(
         PROG, run_dir, overrides, lambda: train(train_cfg, run_dir),
-        latency=lambda path: compact_latency_ms(path, device),
+        latency=lambda path: compact_latency_ms(path, device), extra_errors=(DataError,),
     )
-    if report is None:
-        return None
-    compact = report.get("compact") or {}
-    return compact.get("top1", report.get("top1"))
+    return _objective(report)
 
 
 _hydra_main = make_main(PROG, TrainConfig, GROUPS, "train", _run)
