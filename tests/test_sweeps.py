@@ -77,20 +77,31 @@ def test_one_process_per_gpu():
     assert launchers.job_resources(0, 2, "5")["tasks_per_node"] == 2
 
 
-def test_slurm_preset_composes_with_typed_keys():
+def test_slurm_preset_writes_the_sbatch_script(tmp_path, monkeypatch):
+    """Typed keys compose and become the job's #SBATCH lines (a stand-in srun: no cluster here)."""
     from hydra import compose, initialize_config_module
+    from hydra.core.plugins import Plugins
+    from omegaconf import OmegaConf
 
     from cdnv2.cli import train as train_cli  # noqa: F401  (registers the schemas)
 
+    (tmp_path / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     with initialize_config_module("cdnv2.configs", version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
                                           "hydra.launcher.gpus=4", "hydra.launcher.time=2-00:00:00",
                                           "hydra.launcher.constraint=a100"], return_hydra_config=True)
-        launcher = cfg.hydra.launcher
-        assert (launcher.partition, launcher.gpus, launcher.time, launcher.constraint) == ("gpu", 4, "2-00:00:00", "a100")
-        assert launcher._target_.endswith("CdnSlurmLauncher")
         with pytest.raises(Exception, match="gpus"):
             compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus=many"])
+    conf = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    conf.update(submitit_folder=str(tmp_path / "%j"), name="cdnv2")
+    executor = Plugins.instance()._instantiate(OmegaConf.create(conf))._executor()
+    script = executor._executor._make_submission_file_text("python -c pass", "uid")
+    for line in ["--partition=gpu", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=2880",
+                 "--constraint=a100", "--signal=USR2@300", "--nodes=1"]:
+        assert f"#SBATCH {line}\n" in script, script
+    assert executor._executor.max_num_timeout == 20
 
 
 # ---------------------------------------------------------------- Pareto front
