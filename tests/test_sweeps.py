@@ -71,6 +71,16 @@ def test_bad_slurm_time_is_a_config_error(text):
         launchers.time_to_minutes(text)
 
 
+def test_bad_slurm_time_exits_2_before_hydra(monkeypatch, capsys):
+    from cdnv2.cli import train as train_cli
+
+    monkeypatch.setattr(sys, "argv", ["cdnv2-train", "-m", "hydra/launcher=slurm", "hydra.launcher.time=1h"])
+    with pytest.raises(SystemExit) as e:
+        train_cli.main()
+    assert e.value.code == 2
+    assert "hydra.launcher.time='1h': not a Slurm time" in capsys.readouterr().err
+
+
 def test_one_process_per_gpu():
     assert launchers.job_resources(8, None, "1:00:00") == {"gpus_per_node": 8, "tasks_per_node": 8, "timeout_min": 60}
     assert launchers.job_resources(0, None, "5")["tasks_per_node"] == 1

@@ -68,6 +68,14 @@ def job_resources(gpus: int, tasks_per_node: Optional[int], time: str) -> dict[s
     }
 
 
+def check_launcher_args(argv: list[str]) -> None:
+    """Reject a bad ``hydra.launcher.time`` before Hydra starts (it would only say 'instantiation failed')."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key == "hydra.launcher.time":
+            time_to_minutes(value.strip("'\""))
+
+
 def _record_death(run_dir: Path, error: BaseException) -> None:
     """A job whose process died wrote no end record: write it for the summary."""
     from .sweeps import one_line, read_record, write_record

@@ -75,6 +75,7 @@ def main() -> None:
     if error:
         print(error, file=sys.stderr)
         sys.exit(2)
+    run_user_command(PROG, lambda: launchers.check_launcher_args(sys.argv[1:]))
     sys.argv[1:] = run_user_command(PROG, lambda: with_sweep_name(sys.argv[1:]))
     _hydra_main()
 
