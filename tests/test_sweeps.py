@@ -123,18 +123,13 @@ def test_pareto_front_keeps_only_non_dominated_points():
 
 
 # ---------------------------------------------------------------- end to end
-def test_sweep_records_failures_resumes_and_skips_finished(tmp_path):
-    """lgc_condense=3 does not divide: recorded, the sweep goes on; a killed job resumes."""
+def test_sweep_records_a_failing_job_and_skips_finished_ones(tmp_path):
+    """lgc_condense=3 does not divide: recorded, the sweep goes on; a re-run skips the finished job."""
     args = ["-m", *SWEEP, "model.lgc_condense=3,4"]
     sweep_dir = tmp_path / "sweeps" / sweeps.derive_sweep_name(args)
-    killed = cli("cdnv2-train", *args, cwd=tmp_path, env={"CDNV2_TEST_KILL_AT_STEP": "6"})  # epoch 2 of 2
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert (sweep_dir / "1" / "checkpoints" / "last.pt").exists()
-
-    resumed = cli("cdnv2-train", *args, cwd=tmp_path)
-    assert resumed.returncode == sweeps.SWEEP_EXIT_CODE, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr and "1 of 2 jobs did not finish" in resumed.stderr
-    assert "Traceback" not in resumed.stderr
+    first = cli("cdnv2-train", *args, cwd=tmp_path)
+    assert first.returncode == sweeps.SWEEP_EXIT_CODE, first.stderr[-3000:]
+    assert "1 of 2 jobs did not finish" in first.stderr and "Traceback" not in first.stderr
     failed, done = _summary(sweep_dir)
     assert (failed["status"], failed["exit_code"]) == ("failed", "2")
     assert "not divisible by condense_factor=3" in failed["reason"]
@@ -142,12 +137,26 @@ def test_sweep_records_failures_resumes_and_skips_finished(tmp_path):
     assert float(done["compact_latency_ms"]) > 0 and float(done["paper_mflops"]) > 0
     assert "| failed | 2 |" in (sweep_dir / "summary.md").read_text()
     report = (sweep_dir / "1" / "report.json").read_text()
-    assert json.loads(report)["steps"] == 2 * 4
 
     again = cli("cdnv2-train", *args, cwd=tmp_path)
     assert again.returncode == sweeps.SWEEP_EXIT_CODE
     assert f"{sweep_dir / '1'}: already finished; skipped" in again.stderr
     assert (sweep_dir / "1" / "report.json").read_text() == report
+    assert [row["status"] for row in _summary(sweep_dir)] == ["failed", "finished"]
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_its_unfinished_job(tmp_path):
+    args = ["-m", *SWEEP, "model.lgc_condense=3,4"]
+    sweep_dir = tmp_path / "sweeps" / sweeps.derive_sweep_name(args)
+    killed = cli("cdnv2-train", *args, cwd=tmp_path, env={"CDNV2_TEST_KILL_AT_STEP": "6"})  # epoch 2 of 2
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (sweep_dir / "1" / "checkpoints" / "last.pt").exists()
+    resumed = cli("cdnv2-train", *args, cwd=tmp_path)
+    assert resumed.returncode == sweeps.SWEEP_EXIT_CODE, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert json.loads((sweep_dir / "1" / "report.json").read_text())["steps"] == 2 * 4
+    assert [row["status"] for row in _summary(sweep_dir)] == ["failed", "finished"]
 
 
 def test_pareto_search_three_trials(tmp_path):

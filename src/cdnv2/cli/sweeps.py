@@ -261,5 +261,5 @@ def compact_latency_ms(run_dir: Path, device: str = "auto") -> float | None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = cdnv2.load_model(path, device=device)
     size = model.cdnv2_meta["preprocess"]["crop"]
-    timing = time_forward(model, (3, size, size), batch=1, device=device, min_seconds=0.5, min_repeats=10)
+    timing = time_forward(model, (3, size, size), batch=1, device=device, min_seconds=0.3, min_repeats=10)
     return round(timing.ms_per_batch, 3)
