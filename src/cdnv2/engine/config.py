@@ -111,6 +111,7 @@ class TrainConfig:
     seed: int = 0  # one seed for init, data order and augmentation
     resume: str = "auto"  # auto | never | path to a checkpoint
     name: Optional[str] = None  # optional suffix of the run directory
+    sweep_name: Optional[str] = None  # multirun folder (CLI only); None: from the overrides
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
