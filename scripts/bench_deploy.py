@@ -187,6 +187,8 @@ def _ort_profile(path: Path, x: np.ndarray, args, label: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # eager PyTorch at the runtimes' thread count
     import onnxruntime
     import openvino
 

@@ -260,6 +260,8 @@ def export_table(checks) -> str:
     for c in checks:
         if c.op_types:
             table += f"\nONNX operators: {json.dumps(c.op_types)}"
+        if c.metadata.get("cdnv2.deploy.summary"):
+            table += f"\n{c.format} graph (for {c.metadata['cdnv2.deploy.runtime']}): {c.metadata['cdnv2.deploy.summary']}"
     return table
 
 
