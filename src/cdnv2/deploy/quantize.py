@@ -80,7 +80,7 @@ def quantize_openvino_file(src: str | Path, dst: str | Path, calib: list[np.ndar
 
     model = ov.Core().read_model(str(src))
     dataset = nncf.Dataset(calib)
-    quantized = nncf.quantize(model, dataset, subset_size=sum(len(b) for b in calib),
+    quantized = nncf.quantize(model, dataset, subset_size=len(calib),  # items are batches
                               preset=nncf.QuantizationPreset.PERFORMANCE)
     dst = Path(dst).with_suffix(".xml")
     ov.save_model(quantized, str(dst), compress_to_fp16=False)
