@@ -31,7 +31,6 @@ import torchvision
 import cdnv2
 from cdnv2.deploy import export_onnx
 from cdnv2.deploy.runtime import openvino_op_profile, openvino_session, ort_session
-from cdnv2.layers import CondensingConv1x1
 
 PEERS = {"cdnv2_a": "shufflenet_v2_x0_5", "cdnv2_b": "shufflenet_v2_x1_0", "cdnv2_c": "mobilenet_v2"}
 RUNTIMES = ("eager", "ort", "ov")
@@ -52,15 +51,8 @@ def parse_args(argv=None):
 
 
 def condensed(name: str) -> torch.nn.Module:
-    if hasattr(cdnv2, "condense_fully"):
-        return cdnv2.condense_fully(cdnv2.create_model(name)).eval()
     torch.manual_seed(0)
-    model = cdnv2.create_model(name)
-    for m in model.modules():
-        if isinstance(m, CondensingConv1x1):
-            while not m.fully_condensed:
-                m.condense_step()
-    return model.eval()
+    return cdnv2.condense_fully(cdnv2.create_model(name)).eval()
 
 
 def plain_onnx(model: torch.nn.Module, path: Path, size: int) -> Path:

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import cdnv2
-from cdnv2 import convert as convert_mod
 from cdnv2.data import DataConfig, build_data
 from cdnv2.deploy import ExportError, build_deploy_model, export_and_check, export_onnx, require_onnx
 from cdnv2.deploy.forms import ALL_FORMS, measure_forms
@@ -34,7 +33,7 @@ def _condensed_tiny(seed: int = 0) -> torch.nn.Module:
         if isinstance(m, CondensingConv1x1):
             while not m.fully_condensed:
                 m.condense_step()
-    return convert_mod.convert_model(model.eval(), check=False)
+    return cdnv2.convert_model(model.eval(), check=False)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +133,7 @@ def test_int8_keeps_accuracy_on_the_quickstart_data(run_dir, tmp_path):
     """NNCF and onnxruntime int8 of a trained tiny model: top-1 within a few points of fp32."""
     from cdnv2.deploy.quantize import calibration_images, compare_int8, val_batches
 
-    compact = convert_mod.load_model(run_dir / "model_compact.pt")
+    compact = cdnv2.load_model(run_dir / "model_compact.pt")
     data = build_data(DataConfig(**TINY_DATA), seed=0)
     calib = calibration_images(data, 128)
     assert sum(len(b) for b in calib) == 128 and calib[0].shape[1:] == SIZE

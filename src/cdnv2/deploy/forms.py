@@ -1,8 +1,8 @@
 """Which form each dense layer takes in the deployed graph: the rule, and the measurement.
 
 :func:`measure_forms` times every form of every dense layer on its own, in the target
-runtime, at the layer's real input shape, and returns the fastest per layer (what
-``scripts/bench_deploy.py --measure`` and ``cdnv2-convert ... deploy_forms=measure`` run).
+runtime, at the layer's real input shape, and returns the fastest per layer
+(``build_deploy_model(model, runtime, forms=measure_forms(...))`` uses them).
 :func:`choose_form` is the rule that reproduces those measurements on the project's
 reference CPU without timing anything (the default: exports stay deterministic).
 """

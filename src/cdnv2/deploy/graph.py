@@ -335,7 +335,7 @@ def build_deploy_model(model: nn.Module, runtime: str = "openvino", forms=None,
                        input_size: tuple[int, int, int] = (3, 224, 224)) -> DeployModel:
     """The deployment form of a compact (or fully condensed masked) model, for ``runtime``."""
     if not any(_is_compact_layer(m) for m in model.modules()):
-        from ..convert import check_fully_condensed, convert_model
+        from ..compact import check_fully_condensed, convert_model
 
         try:
             check_fully_condensed(model)
