@@ -35,7 +35,7 @@ from ..errors import CheckpointError, ConfigError
 from ..flops import count_cost
 from ..tables import format_grid
 from .common import make_main, run_user_command
-from .eval import resolve_device
+from ..engine.runtime import resolve_device
 
 PROG = "cdnv2-convert"
 
@@ -268,7 +268,7 @@ def _run(cfg: DictConfig) -> None:
     run_user_command(PROG, lambda: run(convert_cfg), (DataError, CheckpointError))
 
 
-main = make_main(PROG, ConvertConfig, set(), "convert", _run)
+main = make_main(PROG, "convert", _run)
 
 
 if __name__ == "__main__":
