@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from omegaconf import OmegaConf
 
+from .. import signals
 from ..errors import UserError
 
 OmegaConf.register_new_resolver("cdnv2_suffix", lambda name: f"-{name}" if name else "", replace=True)
@@ -68,24 +69,36 @@ def check_override_keys(argv: list[str], schema: Any, groups: set[str], prog: st
 
 
 def make_main(prog: str, schema: Any, groups: set[str], config_name: str,
-              task: Callable[[Any], Any]) -> Callable[[], None]:
-    """The console entry point: check override keys (close matches), then run Hydra."""
+              task: Callable[[Any], Any], precheck: Callable[[list[str]], None] | None = None) -> Callable[[], None]:
+    """The console entry point: check override keys (close matches), then run Hydra.
+
+    ``precheck(argv)`` runs before Hydra touches the disk (e.g. the run directory must
+    be writable); it raises :class:`UserError`. SIGINT/SIGTERM anywhere end the command
+    with one line and exit 130/143 (see :mod:`cdnv2.signals`).
+    """
     import hydra
 
     hydra_main = hydra.main(version_base="1.3", config_path="../configs", config_name=config_name)(task)
 
     def main() -> None:
-        setup_process()
-        error = check_override_keys(sys.argv[1:], schema, groups, prog)
-        if error:
-            print(error, file=sys.stderr)
-            sys.exit(2)
-        hydra_main()
+        try:
+            setup_process()
+            error = check_override_keys(sys.argv[1:], schema, groups, prog)
+            if error:
+                print(error, file=sys.stderr)
+                sys.exit(2)
+            if precheck is not None:
+                run_user_command(prog, lambda: precheck(sys.argv[1:]))
+            hydra_main()
+        except signals.StopSignal as e:
+            print(f"{prog}: {e}; stopped before finishing, re-run the same command", file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
 
     return main
 
 
 def setup_process() -> None:
+    signals.install()  # Ctrl-C / SIGTERM: one line and 130 / 143, never a traceback
     # A file-size limit (ulimit -f) must surface as an OSError we can report, not a kill.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

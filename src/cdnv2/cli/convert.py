@@ -28,6 +28,7 @@ from ..data import DataError
 from ..errors import ConfigError
 from ..export import ExportError, export_and_check, formats_for, require_onnx
 from ..flops import count_cost
+from ..engine.run_dir import check_writable
 from .common import make_main, run_user_command
 from .eval import resolve_device
 from .loading import CHECKPOINT_ERRORS, Loaded, load_checkpoint_any, masked_reference
@@ -113,6 +114,7 @@ def run(cfg: ConvertConfig) -> dict:
         out = Path(cfg.out).expanduser() if cfg.out else default_out(loaded.path)
         if out.resolve() == loaded.path.resolve():
             raise ConfigError(f"out={out} is the input checkpoint; choose another path")
+        check_writable(out.parent, "output folder", "choose another place with out=PATH")
         g = torch.Generator().manual_seed(0)
         x = torch.randn(cfg.parity_samples, *size, generator=g)
         masked = loaded.model
