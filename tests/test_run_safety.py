@@ -241,7 +241,7 @@ def test_ctrl_c_with_four_workers_and_a_second_ctrl_c(tmp_path):
 def test_signals_outside_training_steps(tmp_path, phase):
     run = tmp_path / "run"
     if phase == "start-up":
-        proc = _start(*LONG, "data.num_train=200000", f"hydra.run.dir={run}")
+        proc = _start(*LONG, f"hydra.run.dir={run}")
         _wait_for(lambda: _handles_sigterm(proc), proc)
         proc.send_signal(signal.SIGTERM)
         _assert_clean_stop(proc, 143)
