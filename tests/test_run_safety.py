@@ -211,6 +211,7 @@ def test_sigterm_to_the_process_group_with_workers(tmp_path):
     assert state["step"] >= 3 and state["batch_in_epoch"] == state["step"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_with_four_workers_and_a_second_ctrl_c(tmp_path):
     run = tmp_path / "run"
     proc = _start(*LONG, "data.num_workers=4", f"hydra.run.dir={run}")
@@ -237,6 +238,7 @@ def test_ctrl_c_with_four_workers_and_a_second_ctrl_c(tmp_path):
         assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["start-up", "evaluation"])
 def test_signals_outside_training_steps(tmp_path, phase):
     run = tmp_path / "run"
@@ -257,6 +259,7 @@ def test_signals_outside_training_steps(tmp_path, phase):
         assert state["step"] == 2 and state["epoch"] == 0 and state["batch_in_epoch"] == 2
 
 
+@pytest.mark.slow
 def test_other_commands_exit_130_on_ctrl_c(tmp_path):
     run = tmp_path / "run"
     r = cli("cdnv2-train", *QUICK, "trainer.epochs=1", f"hydra.run.dir={run}")
@@ -295,3 +298,17 @@ def test_read_only_folders_are_clear_errors(tmp_path):
         for p in [run, *run.rglob("*")]:
             if p.is_dir():
                 p.chmod(0o755)
+
+
+@pytest.mark.slow
+def test_a_killed_loader_worker_is_a_clear_error(tmp_path):
+    """The OOM killer picks a worker: one paragraph, exit 2, the last checkpoint intact."""
+    run = tmp_path / "run"
+    proc = _start(*LONG, "data.num_workers=2", "trainer.max_steps_per_epoch=3", f"hydra.run.dir={run}")
+    _wait_for(_logged_step(run, 5), proc)  # epoch 2: last.pt of step 3 exists
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    os.kill(int(children[0]), signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err and "is killed by signal" in err and "data.num_workers" in err
+    assert load(run / "checkpoints/last.pt")["step"] == 3
