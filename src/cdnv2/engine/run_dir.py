@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import logging
@@ -260,7 +259,3 @@ def _reopen_file_logs(folder: Path) -> None:
 def is_primary_process() -> bool:
     """Rank 0 (or not distributed), from torchrun's environment."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def default_config(cls: Any) -> dict:
-    return dataclasses.asdict(cls())
