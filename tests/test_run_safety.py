@@ -78,11 +78,19 @@ def _assert_clean_stop(proc: subprocess.Popen, code: int, prog: str = "cdnv2-tra
     return err
 
 
-# ----------------------------------------------------------------------------- items 1, 2, 8
-def test_finished_run_identity_never_destroy_and_aside(tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished QUICK run (the tests copy it before changing anything)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
     r = cli("cdnv2-train", *QUICK, f"hydra.run.dir={run}")
     assert r.returncode == 0, r.stderr[-2000:]
+    return run
+
+
+# ----------------------------------------------------------------------------- items 1, 2, 8
+def test_finished_run_identity_never_destroy_and_aside(tmp_path, finished):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
     before = _digest(run)
 
     # the same command again: "already finished", nothing re-run or rewritten
@@ -260,11 +268,8 @@ def test_signals_outside_training_steps(tmp_path, phase):
 
 
 @pytest.mark.slow
-def test_other_commands_exit_130_on_ctrl_c(tmp_path):
-    run = tmp_path / "run"
-    r = cli("cdnv2-train", *QUICK, "trainer.epochs=1", f"hydra.run.dir={run}")
-    assert r.returncode == 0, r.stderr[-2000:]
-    ckpt = str(run / "checkpoints/last.pt")
+def test_other_commands_exit_130_on_ctrl_c(tmp_path, finished):
+    ckpt = str(finished / "checkpoints/last.pt")
     for prog, args in [("cdnv2-eval", [f"checkpoint={ckpt}", "data.num_val=20000"]),
                        ("cdnv2-convert", [f"checkpoint={ckpt}", "bench_seconds=60", f"out={tmp_path / 'c.pt'}"])]:
         proc = _start(*args, name=prog)
@@ -274,10 +279,9 @@ def test_other_commands_exit_130_on_ctrl_c(tmp_path):
         _assert_clean_stop(proc, 130, prog)
 
 
-def test_read_only_folders_are_clear_errors(tmp_path):
+def test_read_only_folders_are_clear_errors(tmp_path, finished):
     run = tmp_path / "run"
-    r = cli("cdnv2-train", *QUICK, "trainer.epochs=1", f"hydra.run.dir={run}")
-    assert r.returncode == 0, r.stderr[-2000:]
+    shutil.copytree(finished, run, ignore=shutil.ignore_patterns("model_compact*", "report.json"))
     for p in [run, *run.rglob("*")]:
         if p.is_dir():
             p.chmod(0o555)

@@ -25,10 +25,10 @@ from .. import convert as convert_mod
 from ..benchmark import compare_costs, cost_rows, device_note, format_grid
 from ..condense import condensing_layers
 from ..data import DataError
+from ..engine.run_dir import check_writable
 from ..errors import ConfigError
 from ..export import ExportError, export_and_check, formats_for, require_onnx
 from ..flops import count_cost
-from ..engine.run_dir import check_writable
 from .common import make_main, run_user_command
 from .eval import resolve_device
 from .loading import CHECKPOINT_ERRORS, Loaded, load_checkpoint_any, masked_reference

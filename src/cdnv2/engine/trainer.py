@@ -14,8 +14,7 @@ import os
 import random
 import signal
 import time
-from contextlib import contextmanager
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -256,7 +255,7 @@ class Trainer:
                 f"{state.get('total_steps')}): " + "; ".join(diffs) + ". Resuming would mix two runs. "
                 "To keep it and train separately, add name=<new name> (a new run directory) or "
                 "hydra.run.dir=...; to replace it, add resume=never (it is moved to "
-                f"{self.run_dir.name}.old-N/, nothing is deleted); to continue it, use the settings it "
+                f"{self.run_dir}.old-N/, nothing is deleted); to continue it, use the settings it "
                 "was started with. Settings that may change on resume: " + ", ".join(rundir.RESUMABLE_KEYS) + "."
             )
 
@@ -272,7 +271,7 @@ class Trainer:
                 f"from (checkpoints/last.pt and prev.pt are missing or unreadable): {names}"
                 f"{' ...' if len(outputs) > 8 else ''}. Nothing was overwritten. To train elsewhere, add "
                 "name=<new name> or hydra.run.dir=...; to start over here, add resume=never (the old "
-                f"run is moved to {self.run_dir.name}.old-N/); or put a good checkpoint back as "
+                f"run is moved to {self.run_dir}.old-N/); or put a good checkpoint back as "
                 "checkpoints/last.pt and re-run."
             )
         if outputs or logs:
