@@ -36,6 +36,10 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint file that is missing, truncated, foreign or does not fit the run."""
 
 
+class ParityError(UserError, ValueError):
+    """The compact model does not reproduce the masked model's outputs."""
+
+
 class RunDirError(UserError):
     """The run directory cannot be used as asked: locked by another process, not
     writable, holding outputs that would be overwritten, or a run with other settings."""

@@ -69,12 +69,11 @@ def check_override_keys(argv: list[str], schema: Any, groups: set[str], prog: st
 
 
 def make_main(prog: str, schema: Any, groups: set[str], config_name: str,
-              task: Callable[[Any], Any], precheck: Callable[[list[str]], None] | None = None) -> Callable[[], None]:
+              task: Callable[[Any], Any]) -> Callable[[], None]:
     """The console entry point: check override keys (close matches), then run Hydra.
 
-    ``precheck(argv)`` runs before Hydra touches the disk (e.g. the run directory must
-    be writable); it raises :class:`UserError`. SIGINT/SIGTERM anywhere end the command
-    with one line and exit 130/143 (see :mod:`cdnv2.signals`).
+    SIGINT/SIGTERM anywhere end the command with one line and exit 130/143 (see
+    :mod:`cdnv2.signals`).
     """
     import hydra
 
@@ -87,8 +86,6 @@ def make_main(prog: str, schema: Any, groups: set[str], config_name: str,
             if error:
                 print(error, file=sys.stderr)
                 sys.exit(2)
-            if precheck is not None:
-                run_user_command(prog, lambda: precheck(sys.argv[1:]))
             hydra_main()
         except signals.StopSignal as e:
             print(f"{prog}: {e}; stopped before finishing, re-run the same command", file=sys.stderr, flush=True)
@@ -110,5 +107,10 @@ def run_user_command(prog: str, fn: Callable[[], Any], extra_errors: tuple = ())
     try:
         return fn()
     except (UserError, *extra_errors) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(getattr(e, "exit_code", 2))
+        exit_user_error(prog, e)
+
+
+def exit_user_error(prog: str, error: Exception | str) -> typing.NoReturn:
+    """One paragraph on stderr, then the error's exit code (2 for a user error)."""
+    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(getattr(error, "exit_code", 2))

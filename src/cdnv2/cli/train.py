@@ -14,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data import DataError
 from ..engine import TrainConfig, train
-from ..engine.run_dir import check_writable
 from ..errors import TrainingInterrupted
 from .common import make_main, run_user_command
 
@@ -40,22 +39,7 @@ def _run(cfg: DictConfig) -> float | None:
     return compact.get("top1", report.get("top1"))  # the value sweepers optimise
 
 
-def _check_run_dir(argv: list[str]) -> None:
-    """A read-only run directory: say so before Hydra fails writing its logs there."""
-    if any(a.startswith("-") for a in argv):  # --multirun, --cfg, --help ...: Hydra's business
-        return
-    from hydra import compose, initialize_config_module
-
-    try:
-        with initialize_config_module("cdnv2.configs", version_base="1.3"):
-            run_dir = compose("train", overrides=argv, return_hydra_config=True).hydra.run.dir
-    except Exception:  # a composition error: Hydra reports it properly in a moment
-        return
-    check_writable(run_dir, "run directory", "choose a writable place with hydra.run.dir=... (or name=...), "
-                   "or fix the folder's permissions")
-
-
-main = make_main(PROG, TrainConfig, GROUPS, "train", _run, precheck=_check_run_dir)
+main = make_main(PROG, TrainConfig, GROUPS, "train", _run)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """When and what to prune; group lasso; mask-safe EMA. Works on any module tree."""
 from .ema import ModelEMA
 from .schedule import (
+    LASSO_LAYERS,
     CondenseConfig,
     CondenseEvent,
     Condenser,
     ScheduleError,
+    condense_fully,
     condensing_layers,
     fire_steps,
     layer_kind,
@@ -12,11 +14,13 @@ from .schedule import (
 )
 
 __all__ = [
+    "LASSO_LAYERS",
     "CondenseConfig",
     "CondenseEvent",
     "Condenser",
     "ModelEMA",
     "ScheduleError",
+    "condense_fully",
     "condensing_layers",
     "fire_steps",
     "layer_kind",

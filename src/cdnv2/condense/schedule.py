@@ -22,6 +22,9 @@ from torch import nn
 from ..layers import CondensingConv1x1, LearnedLinear, SparseFeatureReactivation
 
 
+LASSO_LAYERS = ("lgc", "sfr")  # layer kinds the group lasso can cover
+
+
 @dataclass
 class CondenseConfig:
     """Condensation schedule and group-lasso settings (the ``condense`` config group)."""
@@ -48,6 +51,15 @@ def layer_kind(m: nn.Module) -> str:
 def condensing_layers(model: nn.Module) -> list[tuple[str, CondensingConv1x1]]:
     """Every masked LGC/SFR layer of ``model``, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, CondensingConv1x1)]
+
+
+def condense_fully(model: nn.Module) -> nn.Module:
+    """Run every remaining condensation step of every LGC/SFR layer now (no schedule, no
+    training in between); returns ``model`` (changed in place), ready for conversion."""
+    for _, m in condensing_layers(model):
+        while not m.fully_condensed:
+            m.condense_step()
+    return model
 
 
 def step_fractions(num_steps: int, end_fraction: float, explicit: Optional[list[float]] = None) -> list[Fraction]:

@@ -22,24 +22,26 @@ import torch.distributed
 import torch.nn.functional as F
 from torch import nn
 
-from .. import convert as convert_mod
 from .. import signals as stop_signals
-from ..condense import Condenser, ModelEMA, condensing_layers
+from ..compact import Structure, check_parity, convert_model, restructure_for_state_dict, to_compact_training
+from ..condense import Condenser, ModelEMA, condensing_layers, layer_kind
 from ..data import build_data, mixup_cutmix
 from ..errors import (
     CheckpointError, ConfigError, LoaderWorkerDied, NonFiniteLossError, RunDirError, TrainingInterrupted,
 )
 from ..evaluate import EvalResult, evaluate
 from ..flops import count_cost
-from ..models import create_model, is_model, unknown_model_message
+from ..models import create_model
 from .. import checkpoint as ckpt
+from ..tables import format_table
 from . import run_dir as rundir
-from .config import TrainConfig, config_to_dict
+from .config import AMP_MODES, TrainConfig, config_to_dict
 from .distributed import DistInfo, all_reduce_sum, any_rank, barrier, cleanup, init_distributed
-from .logger import MetricLogger, Progress, format_table, log
+from .logger import MetricLogger, Progress, log
 from .optim import build_optimizer, lr_at, resolve_lr, set_lr
+from .validation import validate_config
 
-_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_AMP = dict(zip(AMP_MODES, (None, torch.bfloat16, torch.float16)))
 
 
 def resolve_device(name: str, dist: DistInfo) -> torch.device:
@@ -56,28 +58,11 @@ def resolve_device(name: str, dist: DistInfo) -> torch.device:
     return torch.device(name)
 
 
-def _validate(cfg: TrainConfig) -> None:
-    t = cfg.trainer
-    if not is_model(cfg.model.name):
-        raise ConfigError(f"model.name: {unknown_model_message(cfg.model.name)}")
-    if t.epochs < 1:
-        raise ConfigError(f"trainer.epochs must be >= 1, got {t.epochs}")
-    if t.amp not in _AMP:
-        raise ConfigError(f"trainer.amp={t.amp!r}: use one of {sorted(_AMP)}")
-    if t.nan_policy not in ("raise", "skip"):
-        raise ConfigError(f"trainer.nan_policy={t.nan_policy!r}: use raise or skip")
-    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
-        raise CheckpointError(
-            f"resume={cfg.resume!r}: no such file; use resume=auto (the run directory's last "
-            "checkpoint), resume=never, or a path to a checkpoint"
-        )
-
-
 class Trainer:
     """Owns the model, optimizer, EMA, condensation schedule and run directory."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, run: rundir.RunDir | None = None):
-        _validate(cfg)
+        validate_config(cfg)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         if cfg.trainer.threads:
@@ -124,13 +109,13 @@ class Trainer:
         if cfg.trainer.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.condenser = Condenser(self.model, self.total_steps, cfg.condense)
-        self.structure = "masked"
+        self.structure = Structure.MASKED
         self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
         self.ema = (
             ModelEMA(self.model, cfg.trainer.ema_decay, warmup=cfg.trainer.ema_warmup)
             if cfg.trainer.ema_decay else None
         )
-        self.autocast_dtype = _AMP[cfg.trainer.amp] if self.device.type == "cuda" else None
+        self.autocast_dtype = _AMP[cfg.trainer.amp]  # validation allows fp16 on CUDA only
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
 
         self.step = 0  # completed optimizer steps
@@ -147,11 +132,28 @@ class Trainer:
         self._resume()
         self.train_model = self._wrap(self.model)
         self.logger = MetricLogger(self.run_dir if self.is_main and not self.finished else None)
+        self._log_start()
 
     # ------------------------------------------------------------------ set-up
+    def _log_start(self) -> None:
+        """One line with what the run will do, so a wrong dataset or lr shows at once."""
+        if not self.is_main:
+            return
+        fires: dict[str, set[int]] = {}
+        for name, layer in self.condenser.layers:
+            fires.setdefault(layer_kind(layer), set()).update(self.condenser.fire_at[name])
+        schedule = "; ".join(f"{kind} at steps {sorted(steps)}" for kind, steps in sorted(fires.items()))
+        log.info(
+            "run %s: data=%s with %d train / %d val images, %d classes; lr %.4g; %d steps "
+            "(%d epochs x %d); condensation: %s",
+            self.run_dir, self.cfg.data.name, len(self.data.train_loader.dataset),
+            len(self.data.val_loader.dataset), self.data.num_classes, self.peak_lr, self.total_steps,
+            self.cfg.trainer.epochs, self.steps_per_epoch, schedule or "none (no condensing layers)",
+        )
+
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.dist.enabled:
-            if self.cfg.trainer.sync_bn and self.structure == "masked":
+            if self.cfg.trainer.sync_bn and self.structure is Structure.MASKED:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
                 self.model = model
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -167,17 +169,17 @@ class Trainer:
     def _compact_training_due(self) -> bool:
         return (
             self.cfg.trainer.compact_training
-            and self.structure == "masked"
+            and self.structure is Structure.MASKED
             and bool(self.condenser.layers)
             and self.condenser.done
         )
 
     def _swap_to_compact_training(self) -> None:
         """Second half of training: stop paying for pruned connections."""
-        convert_mod.to_compact_training(self.model, self.optimizer)
+        to_compact_training(self.model, self.optimizer)
         if self.ema is not None:
-            convert_mod.to_compact_training(self.ema.module)
-        self.structure = "compact_train"
+            to_compact_training(self.ema.module)
+        self.structure = Structure.COMPACT_TRAINING
         self.train_model = self._wrap(self.model)
         log.info("step %d: all masks final, switched to compact training layers", self.step)
 
@@ -188,7 +190,7 @@ class Trainer:
             "version": 1,
             "model_name": self.cfg.model.name,
             "model_kwargs": self.model.arch_kwargs(),
-            "structure": self.structure,
+            "structure": self.structure.value,
             "model_state": self.model.state_dict(),
             "ema_state": self.ema.state_dict() if self.ema else None,
             "ema_updates": self.ema.updates if self.ema else 0,
@@ -297,12 +299,12 @@ class Trainer:
             raise CheckpointError(f"{path} is a {state.get('kind')} artifact, not a training checkpoint")
         self._check_compatible(state, path)
         self._check_identity(state, path)
-        if state["structure"] != "masked":
-            convert_mod.restructure_for_state_dict(self.model, state["model_state"])
+        if state["structure"] != Structure.MASKED:
+            restructure_for_state_dict(self.model, state["model_state"])
             if self.ema is not None:
-                convert_mod.restructure_for_state_dict(self.ema.module, state["model_state"])
+                restructure_for_state_dict(self.ema.module, state["model_state"])
             self.optimizer = build_optimizer(self.model, self.cfg.optim, self.peak_lr)
-            self.structure = state["structure"]
+            self.structure = Structure(state["structure"])
         self.model.load_state_dict(state["model_state"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema_state"] or state["model_state"])
@@ -317,7 +319,7 @@ class Trainer:
         self.last_eval = dict(state.get("metrics") or {})
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(_as_random_state(state["rng"]["python"]))
-        if self.structure == "masked":
+        if self.structure is Structure.MASKED:
             self.condenser.verify(self.step)
         elif self.step < self.condenser.final_step:
             raise CheckpointError(f"{path}: compact layers before the last condensation step")
@@ -396,7 +398,7 @@ class Trainer:
                 self.run.close()
 
     def _train_epochs(self) -> None:
-        if self.structure == "masked" and self.condenser.step(self.step) and self.is_main:
+        if self.structure is Structure.MASKED and self.condenser.step(self.step) and self.is_main:
             log.info("applied condensation stages due at step %d", self.step)
         if self._compact_training_due():
             self._swap_to_compact_training()
@@ -463,7 +465,7 @@ class Trainer:
         loss = F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
         if os.environ.get("CDNV2_TEST_NAN_AT_STEP") == str(self.step + 1):
             loss = loss * float("nan")  # test hook: a non-finite loss at this step
-        if self.condenser.lasso_active(self.step) and self.structure == "masked":
+        if self.condenser.lasso_active(self.step) and self.structure is Structure.MASKED:
             loss = loss + self.condenser.lasso_penalty()
         return loss
 
@@ -518,7 +520,7 @@ class Trainer:
     def after_step(self) -> None:
         """Count the step, apply due condensation stages, maybe swap to compact layers."""
         self.step += 1
-        event = self.condenser.step(self.step) if self.structure == "masked" else None
+        event = self.condenser.step(self.step) if self.structure is Structure.MASKED else None
         if event is not None:
             if self.ema is not None:
                 self.ema.sync_structure(self.model)
@@ -551,7 +553,7 @@ class Trainer:
             "train/lr": self.optimizer.param_groups[0]["lr"],
             "train/images_per_second": images_per_second,
         }
-        if self.condenser.lasso_active(self.step) and self.structure == "masked":
+        if self.condenser.lasso_active(self.step) and self.structure is Structure.MASKED:
             with torch.no_grad():
                 metrics["train/lasso"] = float(self.condenser.lasso_penalty())
         self.logger.log(self.step, self._epoch_float(), metrics)
@@ -582,11 +584,11 @@ class Trainer:
             log.info(
                 "epoch %d/%d: val top1 %.2f%% top5 %.2f%% loss %.4f (%s)",
                 self.epoch, self.cfg.trainer.epochs, result.top1, result.top5, result.loss,
-                "condensed" if self.condenser.done or self.structure != "masked" else
+                "condensed" if self.condenser.done or self.structure is not Structure.MASKED else
                 f"stage {self.condenser.stages()}",
             )
         self.save()
-        fully_condensed = self.structure != "masked" or self.condenser.done
+        fully_condensed = self.structure is not Structure.MASKED or self.condenser.done
         if fully_condensed and result.top1 > self.best_top1:
             self.best_top1 = result.top1
             self.save("best.pt")
@@ -594,7 +596,7 @@ class Trainer:
     # ------------------------------------------------------------------ the end
     def finalize(self) -> dict:
         """Evaluate the masked model, convert, check parity, evaluate the compact model."""
-        if self.structure == "masked":
+        if self.structure is Structure.MASKED:
             self.condenser.step(self.total_steps)  # no-op unless the schedule was cut short
         model = self.eval_model()
         masked = self.run_eval(model, "eval masked")
@@ -651,8 +653,8 @@ class Trainer:
 
     def _convert_and_eval(self, model: nn.Module, input_size, report: dict) -> dict:
         x = self._parity_batch()
-        compact = convert_mod.convert_model(model, example_input=x)
-        parity = convert_mod.check_parity(model, compact, x)
+        compact = convert_model(model, example_input=x)
+        parity = check_parity(model, compact, x)
         result = self.run_eval(compact, "eval compact")
         cost = count_cost(compact, input_size)
         report["flops"]["compact_exec"] = cost.exec_flops
@@ -660,7 +662,7 @@ class Trainer:
         report["params"]["compact"] = cost.params
         path = self.run_dir / "model_compact.pt"
         if self.is_main:
-            convert_mod.save_compact(
+            ckpt.save_compact(
                 path, compact, model_name=self.cfg.model.name, model_kwargs=self.model.arch_kwargs(),
                 class_names=list(self.data.class_names), preprocess=self.data.eval_preprocess,
                 metrics=result.as_dict(), data=dataclasses.asdict(self.cfg.data), seed=self.cfg.seed,
@@ -741,5 +743,6 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     The folder is locked for the whole call (one run per folder); see
     :mod:`cdnv2.engine.run_dir` for resume, identity and never-overwrite rules.
     """
+    validate_config(cfg)  # before the run directory is made
     with rundir.RunDir(run_dir, primary=rundir.is_primary_process()) as run:
         return Trainer(cfg, run_dir, run=run).fit()
