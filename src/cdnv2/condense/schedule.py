@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import ScheduleError
 from ..layers import CondensingConv1x1, LearnedLinear, SparseFeatureReactivation
 
 
@@ -36,8 +37,6 @@ class CondenseConfig:
     lasso_layers: list[str] = field(default_factory=lambda: ["lgc"])  # lgc and/or sfr
 
 
-class ScheduleError(ValueError):
-    """The model's masks do not agree with the schedule (e.g. a resumed checkpoint)."""
 
 
 def layer_kind(m: nn.Module) -> str:

@@ -39,6 +39,7 @@ from .config import (
     TrainConfig,
 )
 from .optim import resolve_lr
+from .runtime import MODES as DETERMINISTIC_MODES
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -207,6 +208,8 @@ _RULES: tuple = (
            "model's parity check)"),
     _Range("trainer.max_steps_per_epoch", lambda v: v >= 1, ">= 1 (null: no cap)", 100, optional=True),
     _Range("trainer.threads", lambda v: v >= 1, ">= 1 (null: torch's default)", 4, optional=True),
+    _Range("trainer.deterministic", lambda v: v.strip().lower() in DETERMINISTIC_MODES,
+           "auto (exact on CPU, fast on CUDA), true or false", "auto"),
     _Range("seed", lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
     _Range("name", lambda v: bool(_NAME.fullmatch(v)) and v.strip() not in ("", ".", ".."),
            "a non-empty suffix of the run folder's name without '/' (e.g. lr0.2)", "lr0.2", optional=True),
