@@ -105,7 +105,11 @@ def save_rotating(obj: Any, path: str | Path) -> None:
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete temporary files left by a writer that was killed."""
+    """Delete temporary files left by a writer that was killed.
+
+    Only safe while holding the folder's run lock: another live writer's in-flight
+    file looks the same.
+    """
     removed = []
     for p in Path(folder).glob(f".*{TMP_MARK}*"):
         p.unlink(missing_ok=True)
@@ -260,20 +264,22 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def find_resume_checkpoint(folder: str | Path) -> tuple[dict, Path] | None:
-    """The newest readable checkpoint among last.pt and prev.pt, warning about bad ones."""
+    """The newest readable checkpoint among last.pt and prev.pt, warning about bad ones.
+
+    Reads only: stale temporary files are removed by the run directory's owner, under
+    its lock (:class:`cdnv2.engine.run_dir.RunDir`), never here.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    for stale in remove_stale_temporaries(folder):
-        log.warning("removed stale temporary checkpoint file %s", stale)
-    for name in ("last.pt", "prev.pt"):
+    for name, fallback in (("last.pt", "falling back to the previous checkpoint (prev.pt)"), ("prev.pt", "")):
         path = folder / name
         if not path.exists():
             continue
         try:
             return load_checkpoint(path), path
         except CheckpointError as e:
-            log.warning("%s; falling back to the previous checkpoint", e)
+            log.warning("%s%s", e, f"; {fallback}" if fallback else "")
     return None
 
 

@@ -1,6 +1,8 @@
 """Errors that describe a user's mistake: the CLI prints them as one paragraph, no traceback."""
 from __future__ import annotations
 
+import signal
+
 
 class UserError(Exception):
     """Bad input from the user (config, data, checkpoint). Exit code 2."""
@@ -13,13 +15,15 @@ class ConfigError(UserError, ValueError):
 
 
 class TrainingInterrupted(Exception):
-    """SIGTERM / SIGINT: a checkpoint was written; exit with the conventional code."""
+    """SIGTERM / SIGINT: the run stopped at a step boundary; exit with 128 + signal."""
 
-    def __init__(self, signum: int, checkpoint: str | None):
+    def __init__(self, signum: int, checkpoint: str | None, step: int | None = None):
         self.signum = signum
         self.checkpoint = checkpoint
         self.exit_code = 128 + signum
-        super().__init__(f"interrupted by signal {signum}; checkpoint: {checkpoint}")
+        where = f" at step {step}" if step is not None else ""
+        saved = f"last checkpoint {checkpoint}" if checkpoint else "no step had run, nothing to save"
+        super().__init__(f"interrupted by {signal.Signals(signum).name}{where}; {saved}")
 
 
 class NonFiniteLossError(UserError):
@@ -43,3 +47,12 @@ class ScheduleError(UserError, ValueError):
 
 class ParityError(UserError, ValueError):
     """The compact model does not reproduce the masked model's outputs."""
+
+
+class RunDirError(UserError):
+    """The run directory cannot be used as asked: locked by another process, not
+    writable, holding outputs that would be overwritten, or a run with other settings."""
+
+
+class LoaderWorkerDied(UserError):
+    """A data loader worker process was killed (out of memory, or a signal sent to it alone)."""

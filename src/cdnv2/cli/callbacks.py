@@ -122,3 +122,21 @@ class ValidateConfig(Callback):
             exit_user_error(self.prog, e)
         except OmegaConfBaseException as e:  # e.g. an override that interpolates a missing key
             exit_user_error(self.prog, f"{type(e).__name__}: {str(e).splitlines()[0]}; fix the override.")
+
+
+class RunDirWritable(Callback):
+    """A read-only run directory: one paragraph before Hydra fails writing its log there."""
+
+    def __init__(self, prog: str) -> None:
+        self.prog = prog
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from ..engine.run_dir import check_writable
+        from ..errors import UserError
+        from .common import exit_user_error
+
+        try:
+            check_writable(config.hydra.run.dir, "run directory", "choose a writable place with "
+                           "hydra.run.dir=... (or name=...), or fix the folder's permissions")
+        except UserError as e:
+            exit_user_error(self.prog, e)

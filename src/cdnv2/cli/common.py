@@ -12,13 +12,14 @@ import difflib
 import logging
 import signal
 import sys
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, NoReturn
 
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .. import signals
 from ..errors import ConfigError, UserError
 
 OmegaConf.register_new_resolver("cdnv2_suffix", lambda name: f"-{name}" if name else "", replace=True)
@@ -134,23 +135,32 @@ def check_command_line(config_name: str, argv: list[str]) -> Optional[str]:
 
 
 def make_main(prog: str, config_name: str, task: Callable[[Any], Any]) -> Callable[[], None]:
-    """The console entry point: check the composition (clear errors), then run Hydra."""
+    """The console entry point: check the composition (clear errors), then run Hydra.
+
+    SIGINT/SIGTERM anywhere end the command with one line and exit 130/143 (see
+    :mod:`cdnv2.signals`).
+    """
     import hydra
 
     hydra_main = hydra.main(version_base="1.3", config_path="../configs", config_name=config_name)(task)
 
     def main() -> None:
-        setup_process()
-        error = check_command_line(config_name, sys.argv[1:])
-        if error:
-            print(f"{prog}: error: {error}", file=sys.stderr)
-            sys.exit(2)
-        hydra_main()
+        try:
+            setup_process()
+            error = check_command_line(config_name, sys.argv[1:])
+            if error:
+                print(f"{prog}: error: {error}", file=sys.stderr)
+                sys.exit(2)
+            hydra_main()
+        except signals.StopSignal as e:
+            print(f"{prog}: {e}; stopped before finishing, re-run the same command", file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
 
     return main
 
 
 def setup_process() -> None:
+    signals.install()  # Ctrl-C / SIGTERM: one line and 130 / 143, never a traceback
     # A file-size limit (ulimit -f) must surface as an OSError we can report, not a kill.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -165,7 +175,7 @@ def run_user_command(prog: str, fn: Callable[[], Any], extra_errors: tuple = ())
         exit_user_error(prog, e)
 
 
-def exit_user_error(prog: str, error: Exception | str) -> typing.NoReturn:
+def exit_user_error(prog: str, error: Exception | str) -> NoReturn:
     """One paragraph on stderr, then the error's exit code (2 for a user error)."""
     print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
     sys.exit(getattr(error, "exit_code", 2))

@@ -31,6 +31,7 @@ from ..condense import condensing_layers
 from ..data import DataError
 from ..deploy import ExportError, export_and_check, formats_for, require
 from ..deploy.quantize import QUANTIZE
+from ..engine.run_dir import check_writable
 from ..errors import CheckpointError, ConfigError
 from ..flops import count_cost
 from ..tables import format_grid
@@ -124,6 +125,7 @@ def run(cfg: ConvertConfig) -> dict:
         out = Path(cfg.out).expanduser() if cfg.out else default_out(loaded.path)
         if out.resolve() == loaded.path.resolve():
             raise ConfigError(f"out={out} is the input checkpoint; choose another path")
+        check_writable(out.parent, "output folder", "choose another place with out=PATH")
         g = torch.Generator().manual_seed(0)
         x = torch.randn(cfg.parity_samples, *size, generator=g)
         masked = loaded.model

@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from .. import signals
 from . import cifar, folders, shapes
 from .config import DataConfig, DataError, check_data_config
 from .samplers import ShardSampler, TrainBatchSampler, mix_seed
@@ -116,7 +117,11 @@ class CheckedLoader(DataLoader):
         self._logged: set[str] = set()
 
     def __iter__(self):
-        for images, targets, skipped, error in super().__iter__():
+        # Workers fork with SIGINT/SIGTERM blocked and then ignore them (quiet_worker):
+        # a signal to the whole process group is the main process's to handle.
+        with signals.blocked(self.num_workers > 0):
+            batches = super().__iter__()
+        for images, targets, skipped, error in batches:
             if error:
                 self._stop_workers()
                 raise DataError(error)
@@ -207,6 +212,7 @@ def build_data(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1
         # Only the workers' base seed comes from here (unused: samples seed themselves);
         # a private generator keeps the loader from drawing on the global torch RNG.
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=signals.quiet_worker,
     )
     train_loader = CheckedLoader(train_set, batch_sampler=sampler, **common)
     val_loader = CheckedLoader(

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterable
 
@@ -22,18 +23,22 @@ import torch.distributed
 import torch.nn.functional as F
 from torch import nn
 
+from .. import signals as stop_signals
 from ..compact import Structure, check_parity, convert_model, restructure_for_state_dict, to_compact_training
 from ..condense import Condenser, ModelEMA, condensing_layers, layer_kind
 from ..data import build_data, mixup_cutmix
-from ..errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
+from ..errors import (
+    CheckpointError, ConfigError, LoaderWorkerDied, NonFiniteLossError, RunDirError, TrainingInterrupted,
+)
 from ..evaluate import EvalResult, evaluate
 from ..flops import count_cost
 from ..models import create_model
 from .. import checkpoint as ckpt
 from ..tables import format_table
+from . import run_dir as rundir
 from .callbacks import Callback
 from .config import AMP_MODES, TrainConfig, config_to_dict
-from .distributed import all_reduce_sum, any_rank_each, cleanup, init_distributed
+from .distributed import all_reduce_sum, any_rank_each, barrier, cleanup, init_distributed
 from .health import HealthWindow, StepHealth
 from .logger import MetricLogger, Progress, log
 from .optim import build_optimizer, load_optimizer_state, lr_at, prime_momentum, resolve_lr, set_lr, step_unless
@@ -66,7 +71,8 @@ class Trainer:
     ``callbacks`` (:class:`cdnv2.engine.callbacks.Callback`) run at fixed points of the loop.
     """
 
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, callbacks: Iterable[Callback] = ()):
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, callbacks: Iterable[Callback] = (),
+                 run: rundir.RunDir | None = None):
         validate_config(cfg)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -79,6 +85,10 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # this rank's GPU (NCCL and DDP use the current device)
         self.is_main = self.dist.is_main
+        # Rank 0 locks the folder (one run per folder) before reading anything in it.
+        self._owns_run = run is None
+        self.run = run if run is not None else rundir.RunDir(self.run_dir, primary=self.is_main)
+        barrier(self.dist)
         self.ckpt_dir = self.run_dir / "checkpoints"
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -131,10 +141,12 @@ class Trainer:
         self.train_seconds = 0.0
         self.last_eval: dict = {}
         self.last_checkpoint: Path | None = None
-        self._stop_signal: int | None = None
+        self._stops: stop_signals.StopGuard | None = None
+        self.identity = self._run_identity()
+        self.finished = False  # resumed a run whose report.json is written: nothing to do
         self._resume()
         self.train_model = self._wrap(self.model)
-        self.logger = MetricLogger(self.run_dir if self.is_main else None)
+        self.logger = MetricLogger(self.run_dir if self.is_main and not self.finished else None)
         self._log_start()
 
     # ------------------------------------------------------------------ set-up
@@ -213,6 +225,7 @@ class Trainer:
             "preprocess": self.data.eval_preprocess,
             "data_name": self.cfg.data.name,
             "config": config_to_dict(self.cfg),
+            "run_identity": self.identity,
             "metrics": dict(self.last_eval),
         }
 
@@ -244,12 +257,56 @@ class Trainer:
                 "(name=... or hydra.run.dir=...), or start afresh with resume=never."
             )
 
+    def _run_identity(self) -> dict:
+        d = self.data
+        root = None if self.cfg.data.name == "shapes" else self.cfg.data.root  # generated: config keys say it all
+        return rundir.run_identity(config_to_dict(self.cfg), rundir.data_identity(
+            root, len(d.train_loader.dataset), len(d.val_loader.dataset), d.class_names,
+        ))
+
+    def _check_identity(self, state: dict, path: Path) -> None:
+        stored = state.get("run_identity") or {"config": state.get("config") or {}, "data": None}
+        stored = {"config": rundir.config_identity(stored["config"]), "data": stored.get("data")}
+        diffs = rundir.identity_differences(stored, self.identity, config_to_dict(TrainConfig()))
+        if diffs:
+            raise RunDirError(
+                f"{path} belongs to a run with other settings (step {state.get('step')} of "
+                f"{state.get('total_steps')}): " + "; ".join(diffs) + ". Resuming would mix two runs. "
+                "To keep it and train separately, add name=<new name> (a new run directory) or "
+                "hydra.run.dir=...; to replace it, add resume=never (it is moved to "
+                f"{self.run_dir}.old-N/, nothing is deleted); to continue it, use the settings it "
+                "was started with. Settings that may change on resume: " + ", ".join(rundir.RESUMABLE_KEYS) + "."
+            )
+
+    def _start_afresh(self, replace: bool) -> None:
+        """Before a new run: never overwrite an earlier one's outputs or mix its logs."""
+        if not self.is_main:
+            return
+        outputs, logs = self.run.outputs(), self.run.logs()
+        if outputs and not replace:
+            names = ", ".join(str(p.relative_to(self.run_dir)) for p in outputs[:8])
+            raise RunDirError(
+                f"{self.run_dir} holds outputs of an earlier run but no readable checkpoint to resume "
+                f"from (checkpoints/last.pt and prev.pt are missing or unreadable): {names}"
+                f"{' ...' if len(outputs) > 8 else ''}. Nothing was overwritten. To train elsewhere, add "
+                "name=<new name> or hydra.run.dir=...; to start over here, add resume=never (the old "
+                f"run is moved to {self.run_dir}.old-N/); or put a good checkpoint back as "
+                "checkpoints/last.pt and re-run."
+            )
+        if outputs or logs:
+            aside = self.run.move_aside()
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            what = "resume=never" if replace else "no checkpoint to resume from"
+            log.warning("%s: moved the earlier run in %s aside to %s (nothing deleted)", what, self.run_dir, aside)
+
     def _resume(self) -> None:
         if self.cfg.resume == "never":
+            self._start_afresh(replace=True)
             return
         if self.cfg.resume == "auto":
             found = ckpt.find_resume_checkpoint(self.ckpt_dir)
             if found is None:
+                self._start_afresh(replace=False)
                 return
             state, path = found
         else:
@@ -258,6 +315,7 @@ class Trainer:
         if state.get("kind") != "train":
             raise CheckpointError(f"{path} is a {state.get('kind')} artifact, not a training checkpoint")
         self._check_compatible(state, path)
+        self._check_identity(state, path)
         if state["structure"] != Structure.MASKED:
             restructure_for_state_dict(self.model, state["model_state"])
             if self.ema is not None:
@@ -283,7 +341,8 @@ class Trainer:
         elif self.step < self.condenser.final_step:
             raise CheckpointError(f"{path}: compact layers before the last condensation step")
         self.last_checkpoint = path
-        if self.is_main:
+        self.finished = self.step >= self.total_steps and _readable_json(self.run_dir / "report.json")
+        if self.is_main and not self.finished:
             log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
 
     # ------------------------------------------------------------------ saving
@@ -309,34 +368,79 @@ class Trainer:
             self.last_checkpoint = path
         else:
             ckpt.atomic_save(state, path)
+            if not (self.ckpt_dir / "last.pt").exists():  # a snapshot never exists without a last.pt
+                ckpt.save_rotating(state, self.ckpt_dir / "last.pt")
+                self.last_checkpoint = self.ckpt_dir / "last.pt"
         return path
 
     # ------------------------------------------------------------------ training
-    def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
-        log.warning("signal %d received: finishing the current step, then saving", signum)
+    def _abortable(self):
+        """Evaluation and conversion change no training state: a signal stops them at once."""
+        return self._stops.abortable() if self._stops is not None else nullcontext()
+
+    @contextmanager
+    def _loader_deaths(self):
+        """A killed loader worker (OOM killer, a signal sent to it alone) ends the run cleanly."""
+        try:
+            yield
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e):
+                raise
+            last = str(self.last_checkpoint) if self.last_checkpoint else None
+            if self._stops is not None and self._stops.received is not None:
+                raise TrainingInterrupted(self._stops.received, last, self.step) from None
+            raise LoaderWorkerDied(
+                f"{str(e).splitlines()[0]} Running out of memory is the usual cause: lower "
+                f"data.num_workers or data.batch_size. The last checkpoint is {last or 'none yet'}; "
+                "re-run the same command to resume."
+            ) from None
 
     def fit(self) -> dict:
-        old = {}
         try:
-            for s in (signal.SIGTERM, signal.SIGINT):
-                old[s] = signal.signal(s, self._on_signal)
-        except ValueError:  # not the main thread (e.g. a test harness): no handlers
-            old = {}
-        try:
-            self._callback("on_fit_start")
-            if self.structure is Structure.MASKED and self.condenser.step(self.step) and self.is_main:
-                log.info("applied condensation stages due at step %d", self.step)
-            if self._compact_training_due():
-                self._swap_to_compact_training()
-            while self.epoch < self.cfg.trainer.epochs:
-                self.train_one_epoch()
-                self.end_epoch()
-            return self.finalize()
+            if self.finished:
+                return self._already_finished()
+            with stop_signals.guard() as stops:
+                self._stops = stops
+                try:
+                    with stops.deferring(), self._loader_deaths():
+                        self._train_epochs()
+                except stop_signals.StopSignal as e:  # during an evaluation: the state is a step boundary
+                    path = self.save()
+                    raise TrainingInterrupted(e.signum, str(path) if path else None, self.step) from None
+                try:
+                    with self._loader_deaths():
+                        return self.finalize()
+                except stop_signals.StopSignal as e:  # last.pt of the final step is already written
+                    last = str(self.last_checkpoint) if self.last_checkpoint else None
+                    raise TrainingInterrupted(e.signum, last, self.step) from None
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+            self._stops = None
             self.logger.close()
+            if self._owns_run:
+                self.run.close()
+
+    def _train_epochs(self) -> None:
+        self._callback("on_fit_start")
+        if self.structure is Structure.MASKED and self.condenser.step(self.step) and self.is_main:
+            log.info("applied condensation stages due at step %d", self.step)
+        if self._compact_training_due():
+            self._swap_to_compact_training()
+        while self.epoch < self.cfg.trainer.epochs:
+            self.train_one_epoch()
+            self.end_epoch()
+            self._check_stop()
+
+    def _already_finished(self) -> dict:
+        report = json.loads((self.run_dir / "report.json").read_text())
+        if self.is_main:
+            log.info(
+                "%s already finished (step %d of %d): nothing to do, its outputs are untouched. To train "
+                "it again add resume=never (moves it aside), or name=... for a new run directory",
+                self.run_dir, self.step, self.total_steps,
+            )
+            print(summary_table(report), flush=True)
+        cleanup(self.dist)
+        return report
 
     def train_one_epoch(self) -> None:
         epoch, start = self.epoch, self.batch_in_epoch
@@ -472,7 +576,8 @@ class Trainer:
         One process: host flags, looked at every step. Under torchrun: one all-reduce of
         both flags every ``log_every`` steps, so a signal stops the run at the next such step.
         """
-        stop = self._stop_signal is not None
+        received = self._stops.received if self._stops is not None else None
+        stop = received is not None
         save_due = time.monotonic() - self._last_save > 60 * self.cfg.trainer.checkpoint_minutes
         if self.dist.enabled:
             if self.step % self.cfg.trainer.log_every:
@@ -480,7 +585,7 @@ class Trainer:
             stop, save_due = any_rank_each([stop, save_due], self.dist, self.device)
         if stop:
             path = self.save()
-            raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, str(path) if path else None)
+            raise TrainingInterrupted(received or signal.SIGTERM, str(path) if path else None, self.step)
         if save_due:
             self.save()
             self._last_save = time.monotonic()
@@ -512,18 +617,21 @@ class Trainer:
 
     def run_eval(self, model: nn.Module, desc: str) -> EvalResult:
         bar = Progress(len(self.data.val_loader), desc, self.cfg.trainer.progress, 10**9, self.is_main)
-        result = evaluate(
-            model, self.data.val_loader, self.device,
-            reduce=lambda t: all_reduce_sum(t, self.dist), autocast_dtype=self.autocast_dtype,
-            channels_last=self.cfg.trainer.channels_last, progress=bar,
-        )
+        with self._abortable():
+            result = evaluate(
+                model, self.data.val_loader, self.device,
+                reduce=lambda t: all_reduce_sum(t, self.dist), autocast_dtype=self.autocast_dtype,
+                channels_last=self.cfg.trainer.channels_last, progress=bar,
+            )
         bar.close()
         return result
 
     def end_epoch(self) -> None:
+        # Evaluate before counting the epoch: a stop during the evaluation saves a state
+        # whose resume re-runs it.
+        result = self.run_eval(self.eval_model(), "eval")
         self.epoch += 1
         self.batch_in_epoch = 0
-        result = self.run_eval(self.eval_model(), "eval")
         self.last_eval = {"epoch": self.epoch, **result.as_dict()}
         self.logger.log(self.step, float(self.epoch), {f"val/{k}": v for k, v in result.as_dict().items()})
         if self.is_main:
@@ -571,7 +679,7 @@ class Trainer:
         if has_masks:
             report["compact"] = self._convert_and_eval(model, input_size, report)
         if self.is_main:
-            (self.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            _write_atomic(self.run_dir / "report.json", json.dumps(report, indent=2) + "\n")
             print(summary_table(report), flush=True)
         self._callback("on_fit_end", report)
         cleanup(self.dist)
@@ -644,6 +752,21 @@ def summary_table(report: dict) -> str:
     return format_table(rows, "cdnv2-train summary")
 
 
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """report.json exists complete or not at all: its presence means "finished"."""
+    tmp = path.with_name(f".{path.name}{ckpt.TMP_MARK}{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _as_random_state(state):
     # weights_only loading turns the inner tuple into a list; random.setstate wants tuples.
     version, internal, gauss = state
@@ -651,7 +774,11 @@ def _as_random_state(state):
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, callbacks: Iterable[Callback] = ()) -> dict:
-    """Run (or resume) a whole training run in ``run_dir``; returns the report dict."""
+    """Run (or resume) a whole training run in ``run_dir``; returns the report dict.
+
+    The folder is locked for the whole call (one run per folder); see
+    :mod:`cdnv2.engine.run_dir` for resume, identity and never-overwrite rules.
+    """
     validate_config(cfg)  # before the run directory is made
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, run_dir, callbacks).fit()
+    with rundir.RunDir(run_dir, primary=rundir.is_primary_process()) as run:
+        return Trainer(cfg, run_dir, callbacks, run=run).fit()

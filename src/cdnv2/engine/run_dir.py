@@ -1,0 +1,261 @@
+"""One run per folder, identified by what it computes, and never overwritten.
+
+- :class:`RunDir` owns a run directory for a process's lifetime: an OS lock (one
+  process per folder; the OS drops it when the holder dies), clean-up of temporary
+  files that a killed writer left behind (only safe under the lock), the list of
+  outputs that must never be overwritten, and moving an old run aside.
+- :func:`run_identity` is the fingerprint a checkpoint records: every resolved config
+  value that changes results plus the data's identity. :func:`identity_differences`
+  compares two of them, ignoring :data:`RESUMABLE_KEYS`.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import remove_stale_temporaries
+from ..errors import RunDirError
+
+log = logging.getLogger("cdnv2")
+
+# Config keys that may change when a run is resumed: where and how fast it runs, how
+# much it logs and how it reacts to failures, never what it computes. Everything else
+# in the resolved config is part of the run's identity. Documented in the README.
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "trainer.device",
+    "trainer.threads",
+    "trainer.progress",
+    "trainer.log_every",
+    "trainer.checkpoint_minutes",
+    "trainer.stage_snapshots",
+    "trainer.channels_last",
+    "trainer.compile",
+    "trainer.deterministic",
+    "trainer.nan_policy",
+    "trainer.max_bad_steps",
+    "trainer.parity_samples",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "data.on_corrupt",
+    "data.download",
+)
+# Not results either: how the run was started and where it lives. data.root is
+# replaced by the resolved folder in the data identity (a relative or symlinked path
+# to the same folder is the same data).
+_NOT_IDENTITY = ("resume", "name", "data.root")
+
+LOCK_NAME = ".cdnv2-run.lock"
+# Files a run cannot recreate cheaply: overwriting them loses work.
+_OUTPUT_GLOBS = ("checkpoints/*.pt", "model_compact*", "report.json")
+# Logs of a run that wrote no checkpoint yet: kept (moved aside), never mixed.
+_LOG_NAMES = ("metrics.jsonl", "metrics.csv", "tb")
+# The launcher's files for the current run (Hydra's .hydra/): they stay when an old
+# run is moved aside.
+_LAUNCHER_NAMES = (".hydra",)
+
+_held: dict[Path, int] = {}  # run dirs this process holds (POSIX locks are per process)
+
+
+# ----------------------------------------------------------------------------- identity
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_identity(config: dict) -> dict[str, Any]:
+    """The flattened config without the keys that may change on resume."""
+    skip = set(RESUMABLE_KEYS) | set(_NOT_IDENTITY)
+    return {k: v for k, v in _flatten(config).items() if k not in skip}
+
+
+def data_identity(root: str | None, train_images: int, val_images: int, classes: list[str]) -> dict:
+    """What the data is: resolved folder (None for generated data, whose parameters are
+    config keys), split sizes and class list."""
+    return {
+        "root": str(Path(root).expanduser().resolve()) if root else None,
+        "train_images": int(train_images),
+        "val_images": int(val_images),
+        "classes": list(classes),
+    }
+
+
+def run_identity(config: dict, data: dict) -> dict:
+    return {"config": config_identity(config), "data": data}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def identity_differences(stored: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """Human-readable differences "key: recorded -> now".
+
+    A key the checkpoint does not record (written by an older version) counts as its
+    default value in ``defaults`` (a flattened default config); keys this version no
+    longer has are ignored.
+    """
+    diffs = []
+    theirs, ours = stored.get("config", {}), current["config"]
+    defaults = config_identity(defaults or {})
+    for key in sorted(ours):
+        old = theirs[key] if key in theirs else defaults.get(key, ours[key])
+        if old != ours[key]:
+            diffs.append(f"{key}: {_short(old)} -> {_short(ours[key])}")
+    old_data, new_data = stored.get("data"), current["data"]
+    if old_data:
+        for key in ("root", "train_images", "val_images"):
+            if old_data.get(key) != new_data[key]:
+                diffs.append(f"data {key.replace('_', ' ')}: {_short(old_data.get(key))} -> {_short(new_data[key])}")
+        a, b = list(old_data.get("classes", [])), new_data["classes"]
+        if a != b:
+            gone, new = [c for c in a if c not in b], [c for c in b if c not in a]
+            detail = ", ".join(filter(None, [
+                f"missing now {gone[:3]}" if gone else "", f"new {new[:3]}" if new else "",
+                "same names, other order" if not gone and not new else "",
+            ]))
+            diffs.append(f"data classes: {len(a)} -> {len(b)} ({detail})")
+    return diffs
+
+
+# ----------------------------------------------------------------------------- the folder
+def check_writable(folder: str | Path, what: str, hint: str) -> None:
+    """Raise :class:`RunDirError` unless files can be created in ``folder`` (made if missing)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".cdnv2-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(
+            f"{what} {folder} is not writable ({e.strerror or e}); {hint}"
+        ) from None
+
+
+class RunDir:
+    """A run directory held by this process: lock, stale temporaries, outputs, aside.
+
+    Only the primary process (rank 0) locks and changes the folder; other ranks get an
+    unlocked view. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | Path, *, primary: bool = True):
+        self.path = Path(path)
+        self.primary = primary
+        self._fd: int | None = None
+        if primary:
+            check_writable(self.path, "run directory", "choose a writable place with hydra.run.dir=... "
+                           "(or name=...), or fix the folder's permissions")
+            self._lock()
+            for stale in self._remove_stale_temporaries():
+                log.warning("removed stale temporary checkpoint file %s", stale)
+
+    # -- lock
+    def _lock(self) -> None:
+        key = self.path.resolve()
+        if key in _held:
+            raise RunDirError(
+                f"run directory {self.path} is already in use by this process (pid {os.getpid()}); "
+                "finish that run first or choose another folder (name=... or hydra.run.dir=...)"
+            )
+        # POSIX record locks (lockf), not flock: forked loader workers do not inherit
+        # them, so the lock goes with the process that took it, dead or alive.
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
+            os.close(fd)
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise RunDirError(f"cannot lock run directory {self.path}: {e.strerror or e}") from None
+            raise RunDirError(
+                f"run directory {self.path} is in use by another process ({holder}). One run per "
+                "folder: wait for that process to finish (or stop it: it resumes from its "
+                "checkpoint), or start a separate run with name=... or hydra.run.dir=..."
+            ) from None
+        info = f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        self._fd = fd
+        _held[key] = fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            _held.pop(self.path.resolve(), None)
+            os.close(self._fd)  # releases the lock; the file stays (removing it would race)
+            self._fd = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _remove_stale_temporaries(self) -> list[Path]:
+        # Under the lock no other writer exists, so every temporary file is a dead one's.
+        return remove_stale_temporaries(self.path) + remove_stale_temporaries(self.path / "checkpoints")
+
+    # -- what is there
+    def outputs(self) -> list[Path]:
+        """Existing files that a new run would overwrite."""
+        return sorted(p for pattern in _OUTPUT_GLOBS for p in self.path.glob(pattern))
+
+    def logs(self) -> list[Path]:
+        return [self.path / n for n in _LOG_NAMES if (self.path / n).exists()]
+
+    # -- moving an old run aside
+    def move_aside(self) -> Path:
+        """Move everything of the old run into ``<run>.old-N/`` (first free N).
+
+        The lock and the launcher's files for this run stay; log files this process
+        has open in the folder follow to fresh files at their old paths.
+        """
+        n = 1
+        while True:
+            aside = self.path.with_name(f"{self.path.name}.old-{n}")
+            try:
+                aside.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+        keep = {LOCK_NAME, *_LAUNCHER_NAMES}
+        moved = []
+        for entry in sorted(self.path.iterdir()):
+            if entry.name not in keep:
+                os.rename(entry, aside / entry.name)
+                moved.append(entry.name)
+        _reopen_file_logs(self.path)
+        return aside
+
+
+def _reopen_file_logs(folder: Path) -> None:
+    """Log files in ``folder`` that were moved away start afresh at their old paths."""
+    folder = folder.resolve()
+    for logger in [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder:
+                handler.acquire()
+                try:
+                    if handler.stream is not None:
+                        handler.stream.close()
+                    handler.stream = handler._open()
+                finally:
+                    handler.release()
+
+
+def is_primary_process() -> bool:
+    """Rank 0 (or not distributed), from torchrun's environment."""
+    return int(os.environ.get("RANK", "0")) == 0
