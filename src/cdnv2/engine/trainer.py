@@ -31,6 +31,7 @@ from ..flops import count_cost
 from ..models import create_model, is_model, unknown_model_message
 from .. import checkpoint as ckpt
 from .config import TrainConfig, config_to_dict
+from .init_from import check_init_config, init_model
 from .distributed import DistInfo, all_reduce_sum, any_rank, cleanup, init_distributed
 from .logger import MetricLogger, Progress, format_table, log
 from .optim import build_optimizer, lr_at, resolve_lr, set_lr
@@ -74,6 +75,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path):
         _validate(cfg)
+        check_init_config(cfg.init, cfg.init_weights)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         if cfg.trainer.threads:
@@ -112,12 +114,13 @@ class Trainer:
             self.model = create_model(cfg.model.name, num_classes=self.data.num_classes, **cfg.model.overrides())
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model {cfg.model.name!r}: {e}") from None
+        self.init_report = self._init_weights() if cfg.init else None
         self.model.to(self.device)
         if cfg.trainer.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.condenser = Condenser(self.model, self.total_steps, cfg.condense)
+        self.condenser = Condenser(self.model, self.total_steps, cfg.condense, from_current_stage=bool(cfg.init))
         self.structure = "masked"
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr, split_head=cfg.trainer.freeze_epochs > 0)
         self.ema = (
             ModelEMA(self.model, cfg.trainer.ema_decay, warmup=cfg.trainer.ema_warmup)
             if cfg.trainer.ema_decay else None
@@ -139,6 +142,16 @@ class Trainer:
         self.logger = MetricLogger(self.run_dir if self.is_main else None)
 
     # ------------------------------------------------------------------ set-up
+    def _init_weights(self):
+        """init=PATH: pretrained weights and masks into the fresh model (a resume overrides them)."""
+        report = init_model(
+            self.model, self.cfg.init, weights=self.cfg.init_weights, class_names=list(self.data.class_names),
+            restart=self.cfg.condense.restart, model_name=self.cfg.model.name,
+        )
+        if self.is_main:
+            log.info("weights from init=%s\n%s", self.cfg.init, report.table())
+        return report
+
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.dist.enabled:
             if self.cfg.trainer.sync_bn and self.structure == "masked":
@@ -245,7 +258,9 @@ class Trainer:
             convert_mod.restructure_for_state_dict(self.model, state["model_state"])
             if self.ema is not None:
                 convert_mod.restructure_for_state_dict(self.ema.module, state["model_state"])
-            self.optimizer = build_optimizer(self.model, self.cfg.optim, self.peak_lr)
+            self.optimizer = build_optimizer(
+                self.model, self.cfg.optim, self.peak_lr, split_head=self.cfg.trainer.freeze_epochs > 0
+            )
             self.structure = state["structure"]
         self.model.load_state_dict(state["model_state"])
         if self.ema is not None:
@@ -369,7 +384,7 @@ class Trainer:
         """One optimizer step; returns the loss, or None for a skipped non-finite step."""
         t0 = time.perf_counter()
         lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.sched)
-        set_lr(self.optimizer, lr)
+        set_lr(self.optimizer, lr, freeze_backbone=self.epoch < self.cfg.trainer.freeze_epochs)
         loss = self._forward_loss(images, targets)
         if not any_rank(not bool(torch.isfinite(loss)), self.dist, self.device):
             self.optimizer.zero_grad(set_to_none=True)
@@ -508,6 +523,7 @@ class Trainer:
             "flops": {"paper": cost_masked.paper_flops, "masked_exec": cost_masked.exec_flops},
             "params": {"paper": cost_masked.paper_params, "masked": cost_masked.params},
             "compact": None,
+            "init": self.init_report.as_dict() if self.init_report else None,
             "run_dir": str(self.run_dir),
         }
         has_masks = bool(condensing_layers(reference))
