@@ -26,23 +26,42 @@ SHAPES_STATS = dict(mean=[0.5, 0.5, 0.5], std=[0.3, 0.3, 0.3])  # the source's n
 
 
 def _trainer_cfg(**kw) -> TrainerConfig:
-    base = dict(device="cpu", progress="none", threads=2, stage_snapshots=False, parity_samples=8,
+    base = dict(device="cpu", progress="none", stage_snapshots=False, parity_samples=8,
                 checkpoint_minutes=1e6)
     return TrainerConfig(**{**base, **kw})
 
 
+# The source runs: quickstart-like (cdnv2_tiny on the shapes data, shortened). "small"
+# is a narrower cdnv2_tiny so the default suite stays fast; "quickstart" is the real one.
+SOURCES = {
+    "small": dict(model=dict(stages=[1, 1, 1], growth=[8, 8, 8]), num_train=1920, batch_size=32, epochs=4),
+    "quickstart": dict(model={}, num_train=2560, batch_size=64, epochs=4),
+}
+
+
+SMALL = {k: tuple(v) for k, v in SOURCES["small"]["model"].items()}
+TRAIN_PER_CLASS, BATCH, EPOCHS = 24, 20, 5
+STEPS = 5 * TRAIN_PER_CLASS // BATCH  # per epoch
+
+
+def _model_cfg(kind: str) -> ModelConfig:
+    return ModelConfig(name="cdnv2_tiny", **SOURCES[kind]["model"])
+
+
+def _train_source(kind: str, run: Path) -> tuple[Path, dict]:
+    spec = SOURCES[kind]
+    cfg = TrainConfig(
+        model=_model_cfg(kind),
+        data=DataConfig(name="shapes", num_train=spec["num_train"], num_val=256, batch_size=spec["batch_size"]),
+        optim=OptimConfig(base_lr=0.2, weight_decay=1e-4),
+        trainer=_trainer_cfg(epochs=spec["epochs"]),
+    )
+    return run, train(cfg, run)
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """A quickstart-like run: cdnv2_tiny on the shapes data, short (about 20 s)."""
-    run = tmp_path_factory.mktemp("source")
-    cfg = TrainConfig(
-        model=ModelConfig(name="cdnv2_tiny"),
-        data=DataConfig(name="shapes", num_train=1536, num_val=256, batch_size=64),
-        optim=OptimConfig(base_lr=0.1, weight_decay=1e-4),
-        trainer=_trainer_cfg(epochs=3),
-    )
-    report = train(cfg, run)
-    return run, report
+    return _train_source("small", tmp_path_factory.mktemp("source"))
 
 
 def _write_folder(root: Path, per_class: dict[str, int], seed: int) -> Path:
@@ -59,28 +78,29 @@ def _write_folder(root: Path, per_class: dict[str, int], seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def folder5(tmp_path_factory):
-    return _write_folder(tmp_path_factory.mktemp("five"), {"train": 12, "val": 40}, seed=123)
+    return _write_folder(tmp_path_factory.mktemp("five"), {"train": TRAIN_PER_CLASS, "val": 40}, seed=123)
 
 
-def _finetune_cfg(root, init=None, **trainer) -> TrainConfig:
+def _finetune_cfg(root, init=None, kind="small", **trainer) -> TrainConfig:
     lr = dict(base_lr=0.01, head_lr_scale=10.0) if init else dict(base_lr=0.1)  # each its recipe
     return TrainConfig(
-        model=ModelConfig(name="cdnv2_tiny"),
-        data=DataConfig(name="imagefolder", root=str(root), batch_size=20, image_size=32, **SHAPES_STATS),
+        model=_model_cfg(kind),
+        data=DataConfig(name="imagefolder", root=str(root), batch_size=BATCH, image_size=32, **SHAPES_STATS),
         optim=OptimConfig(weight_decay=5e-5, **lr),
         sched=SchedConfig(warmup_epochs=0.5),
-        trainer=_trainer_cfg(epochs=trainer.pop("epochs", 4), **trainer),
+        trainer=_trainer_cfg(epochs=trainer.pop("epochs", EPOCHS), **trainer),
         init=str(init) if init else None,
     )
 
 
-def test_finetune_beats_training_from_scratch(source, folder5, tmp_path):
-    run, src_report = source
+@pytest.mark.parametrize("kind", ["small", pytest.param("quickstart", marks=pytest.mark.slow)])
+def test_finetune_beats_training_from_scratch(kind, source, folder5, tmp_path):
+    run, src_report = source if kind == "small" else _train_source(kind, tmp_path / "source")
     assert src_report["compact"]["top1"] > 50  # the source learned something to transfer
     artifact = run / "model_compact.pt"
-    tuned = train(_finetune_cfg(folder5, init=artifact), tmp_path / "tuned")
-    scratch = train(_finetune_cfg(folder5), tmp_path / "scratch")
-    assert tuned["steps"] == scratch["steps"] == 4 * 3  # the same short schedule
+    tuned = train(_finetune_cfg(folder5, init=artifact, kind=kind), tmp_path / "tuned")
+    scratch = train(_finetune_cfg(folder5, kind=kind), tmp_path / "scratch")
+    assert tuned["steps"] == scratch["steps"] == EPOCHS * STEPS  # the same short schedule
     init = tuned["init"]
     assert init["reinitialised"] == ["classifier.bias", "classifier.weight"]
     assert "10 classes in the file, 5 in the data" in init["reinit_reason"]
@@ -95,7 +115,7 @@ def test_finetune_beats_training_from_scratch(source, folder5, tmp_path):
 
 def test_init_from_training_checkpoint_keeps_the_head_when_classes_match(source, tmp_path):
     run, _ = source
-    model = cdnv2.create_model("cdnv2_tiny", num_classes=10)
+    model = cdnv2.create_model("cdnv2_tiny", num_classes=10, **SMALL)
     report = init_model(model, run / "checkpoints" / "last.pt", class_names=list(SHAPES_CLASSES))
     assert report.reinitialised == [] and "classifier.weight" in report.loaded
     assert report.structure == "compact_train"
@@ -104,7 +124,7 @@ def test_init_from_training_checkpoint_keeps_the_head_when_classes_match(source,
     x = example(model, batch=4)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), ref(x), rtol=1e-4, atol=1e-4)
-    other = cdnv2.create_model("cdnv2_tiny", num_classes=10)
+    other = cdnv2.create_model("cdnv2_tiny", num_classes=10, **SMALL)
     names = list(SHAPES_CLASSES[::-1])
     assert init_model(other, run / "checkpoints" / "last.pt", class_names=names).reinit_reason == (
         "same class count, different class names")
@@ -170,18 +190,19 @@ def test_partly_condensed_source_continues_or_restarts(tmp_path):
 
 def test_mismatching_architecture_lists_the_differences(source, tmp_path):
     run, _ = source
-    model = cdnv2.create_model("cdnv2_tiny", stages=(2, 3, 4))
-    with pytest.raises(ConfigError, match=r"stages \[2, 3, 3\] in the file vs \[2, 3, 4\] configured") as e:
+    model = cdnv2.create_model("cdnv2_tiny", stages=(1, 1, 2), growth=(8, 8, 8))
+    with pytest.raises(ConfigError, match=r"stages \[1, 1, 1\] in the file vs \[1, 1, 2\] configured") as e:
         init_model(model, run / "model_compact.pt", model_name="cdnv2_tiny")
     assert "missing in the file" in str(e.value)
 
 
 def test_cli_init_errors_name_the_problem(source, tmp_path):
     run, _ = source
-    r = cli("cdnv2-train", f"init={run / 'model_compact.pt'}", "model.growth=[8,16,32]", "trainer.epochs=1",
+    r = cli("cdnv2-train", f"init={run / 'model_compact.pt'}", "trainer.epochs=1",
             "data.num_train=64", "data.num_val=32", f"hydra.run.dir={tmp_path / 'bad'}")
     assert r.returncode == 2, r.stderr
-    assert "growth [8, 16, 16] in the file vs [8, 16, 32] configured" in r.stderr
+    assert "stages [1, 1, 1] in the file vs [2, 3, 3] configured" in r.stderr
+    assert "growth [8, 8, 8] in the file vs [8, 16, 16] configured" in r.stderr
     assert "Traceback" not in r.stderr
     r = cli("cdnv2-train", f"init={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path / 'bad2'}")
     assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr

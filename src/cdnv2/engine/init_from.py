@@ -50,6 +50,7 @@ class InitReport:
     reinitialised: list[str] = field(default_factory=list)
     reinit_reason: str = ""
     ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         rows = [
@@ -60,6 +61,7 @@ class InitReport:
             ("re-initialised", (", ".join(self.reinitialised) + f" ({self.reinit_reason})")
              if self.reinitialised else "nothing"),
             ("ignored", "; ".join(self.ignored) or "nothing"),
+            *(("note", n) for n in self.notes),
         ]
         return format_table(rows, f"init={self.source}")
 
@@ -225,11 +227,14 @@ def _ignored(loaded, weights: str) -> list[str]:
 
 
 def init_model(model: nn.Module, path: str | Path, *, weights: str = "ema", class_names: list[str] | None = None,
-               restart: bool = False, model_name: str | None = None) -> InitReport:
+               restart: bool = False, model_name: str | None = None,
+               preprocess: dict | None = None) -> InitReport:
     """Load ``path``'s weights (and masks) into the freshly built masked ``model``, in place.
 
     ``weights``: "ema" takes the EMA weights when the file has them, else the raw ones.
     ``restart``: reset every mask to dense (stage 0), keeping the weights.
+    ``preprocess``: the run's eval preprocessing, to note a normalisation that differs
+    from the one the weights were trained with.
     """
     check_init_config(str(path), weights)
     try:
@@ -279,5 +284,19 @@ def init_model(model: nn.Module, path: str | Path, *, weights: str = "ema", clas
         source=str(path), kind=loaded.kind, model_name=loaded.model_name, structure=loaded.structure,
         weights=loaded.weights, condensation=condensation, loaded=sorted(take),
         reinitialised=head_keys if reason else [], reinit_reason=reason, ignored=_ignored(loaded, loaded.weights),
+        notes=_normalisation_note(loaded.preprocess, preprocess),
     )
+
+
+def _normalisation_note(theirs: dict | None, ours: dict | None) -> list[str]:
+    """Pretrained features expect the normalisation they were trained with."""
+    if not theirs or not ours:
+        return []
+    diff = [k for k in ("mean", "std") if theirs.get(k) is not None and ours.get(k) is not None
+            and [round(float(v), 4) for v in theirs[k]] != [round(float(v), 4) for v in ours[k]]]
+    if not diff:
+        return []
+    shown = ", ".join(f"{k} {list(theirs[k])}" for k in diff)
+    return [f"the weights were trained with {shown}; the data uses {', '.join(f'{k} {list(ours[k])}' for k in diff)}"
+            f" (set data.mean / data.std to match)"]
 

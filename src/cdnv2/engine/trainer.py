@@ -147,6 +147,7 @@ class Trainer:
         report = init_model(
             self.model, self.cfg.init, weights=self.cfg.init_weights, class_names=list(self.data.class_names),
             restart=self.cfg.condense.restart, model_name=self.cfg.model.name,
+            preprocess=self.data.eval_preprocess,
         )
         if self.is_main:
             log.info("weights from init=%s\n%s", self.cfg.init, report.table())
