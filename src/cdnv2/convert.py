@@ -371,12 +371,15 @@ def _validate(obj: Any, where: str) -> None:
 
 
 def load_model(path_or_dict: str | os.PathLike | dict, *, weights: str = "ema",
-               device: str | torch.device = "cpu") -> nn.Module:
+               device: str | torch.device = "cpu", features_only: bool = False,
+               out_indices=None) -> nn.Module:
     """Rebuild the model of any cdnv2 checkpoint, in eval mode, on ``device``.
 
     ``weights``: for training checkpoints, "ema" (the EMA weights when the checkpoint has
     them, else the raw ones) or "raw". The model carries ``model.cdnv2_meta`` with
     class_names, preprocess, model_name, model_kwargs, structure and the weights used.
+    ``features_only``: return the backbone (``cdnv2.models.features_only``) instead,
+    giving the maps after the dense blocks selected by ``out_indices``.
     """
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
@@ -409,4 +412,10 @@ def load_model(path_or_dict: str | os.PathLike | dict, *, weights: str = "ema",
         "structure": obj["structure"],
         "weights": used,
     }
+    if features_only:
+        from .models import features_only as backbone
+
+        return backbone(model, out_indices).eval()
+    if out_indices is not None:
+        raise ValueError("out_indices needs features_only=True")
     return model
