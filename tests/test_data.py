@@ -397,6 +397,108 @@ def test_val_class_unknown_to_train(tree):
         build_data(DataConfig(name="imagefolder", root=str(tree)), seed=0)
 
 
+def _folder_sources(root: Path):
+    from cdnv2.data.folders import build_folder_datasets
+
+    train, val, classes = build_folder_datasets(str(root), "imagefolder", 0.0, 0)
+    return train, val, classes
+
+
+def _labels_match_real_folders(files, classes) -> None:
+    real = [Path(p).resolve() for p in files.paths]
+    assert len(set(real)) == len(real), "an image was counted twice"
+    for path, label in zip(real, files.targets):
+        assert path.parent.name.split("_")[0] == classes[label] or path.parent.parent.name == classes[label], path
+
+
+@pytest.mark.timeout(60)
+def test_symlink_loops_neither_hang_nor_mislabel(tree, caplog):
+    train = tree / "train"
+    (train / "cat" / "sub").mkdir()
+    _write_image(train / "cat" / "sub" / "deep.png", 99)
+    (train / "cat" / "loop_to_split").symlink_to(train, target_is_directory=True)  # back up the tree
+    (train / "dog" / "loop_to_self").symlink_to(train / "dog", target_is_directory=True)
+    (train / "cat" / "sub" / "loop_up").symlink_to(train / "cat", target_is_directory=True)
+    (train / "fish" / "into_dog").symlink_to(train / "dog", target_is_directory=True)  # another class
+    with caplog.at_level(logging.WARNING):
+        files, _, classes = _folder_sources(tree)
+    assert classes == CLASSES
+    counts = np.bincount(files.targets, minlength=3).tolist()
+    assert counts == [7, 6, 6]  # cat has its 6 images plus sub/deep.png; nothing else
+    _labels_match_real_folders(files, classes)
+    assert any("skipped 4 link(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_links_to_new_folders_are_followed(tree, tmp_path):
+    elsewhere = tmp_path / "other_disk" / "birds"
+    for i in range(3):
+        _write_image(elsewhere / f"bird_{i}.png", 200 + i)
+    (tree / "train" / "bird").symlink_to(elsewhere, target_is_directory=True)  # a class folder link
+    (tree / "train" / "cat" / "more").symlink_to(tmp_path / "other_disk", target_is_directory=False)
+    files, _, classes = _folder_sources(tree)
+    assert classes == ["bird", "cat", "dog", "fish"]
+    assert np.bincount(files.targets).tolist() == [3, 6, 6, 6]  # cat/more/birds was scanned as bird already
+
+
+def test_two_class_folders_that_are_one_folder(tree):
+    (tree / "train" / "kitten").symlink_to(tree / "train" / "cat", target_is_directory=True)
+    with pytest.raises(DataError, match=r"train/cat and .*train/kitten are the same folder"):
+        _folder_sources(tree)
+
+
+def test_fewer_than_two_classes_is_a_clear_error(tmp_path):
+    root = _make_tree(tmp_path / "one", classes=["only"])
+    with pytest.raises(DataError, match=r"has 1 class folder \(only\); a classifier needs at least two"):
+        build_data(DataConfig(name="imagefolder", root=str(root)), seed=0)
+    flat = _make_tree(tmp_path / "flat", classes=["only"], per_class=(6,), splits=("",))
+    with pytest.raises(DataError, match="at least two classes"):
+        build_data(DataConfig(name="imagefolder", root=str(flat), val_fraction=0.5), seed=0)
+
+
+def _gradient(dtype, top) -> np.ndarray:
+    return (np.linspace(0, 1, 64 * 64).reshape(64, 64) * top).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    "array, suffix, mode",
+    [
+        (_gradient(np.uint16, 65535), "png", "I;16"),  # 16-bit PNG
+        (_gradient(np.int32, 65535), "tif", "I"),  # 16-bit values in PIL's 32-bit mode
+        (_gradient(np.int32, 2**31 - 1), "tif", "I"),  # 32-bit values
+        ((_gradient(np.float64, 2**32 - 1) - 2**31).astype(np.int32), "tif", "I"),  # signed 32-bit
+        (_gradient(np.float32, 1.0), "tif", "F"),  # float in [0, 1]
+        (_gradient(np.float32, 255.0), "tif", "F"),  # float in 8-bit units
+        (_gradient(np.float32, 4000.0) - 1000, "tif", "F"),  # any other range: stretched
+    ],
+    ids=["png16", "tiff-int16", "tiff-int32", "tiff-int32-signed", "tiff-float01", "tiff-float255", "tiff-float-range"],
+)
+def test_wide_images_are_scaled_not_clipped(tmp_path, array, suffix, mode):
+    from cdnv2.data.folders import load_image
+
+    path = tmp_path / f"wide.{suffix}"
+    Image.fromarray(array).save(path)
+    assert Image.open(path).mode == mode
+    rgb = np.asarray(load_image(str(path)))
+    assert rgb.dtype == np.uint8 and rgb.shape == (64, 64, 3)
+    expected = np.linspace(0, 255, 64 * 64).reshape(64, 64)
+    assert np.abs(rgb[..., 0].astype(float) - expected).max() <= 1.5  # a full 0..255 ramp
+    assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
+
+
+def test_wide_images_train_end_to_end(tmp_path):
+    root = tmp_path / "wide"
+    for split, n in (("train", 4), ("val", 2)):
+        for c, top in (("a", 65535), ("b", 30000)):
+            for i in range(n):
+                (root / split / c).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(_gradient(np.uint16, top)).save(root / split / c / f"{i}.png")
+    data = build_data(DataConfig(name="imagefolder", root=str(root), batch_size=4, image_size=64,
+                                 mean=[0.0] * 3, std=[1.0] * 3, hflip=False), seed=0)
+    x, y = next(iter(data.val_loader))
+    peak = {int(label): float(img.max()) for img, label in zip(x, y)}
+    assert peak[0] == pytest.approx(1.0, abs=0.02) and peak[1] == pytest.approx(30000 / 65535, abs=0.02)
+
+
 @pytest.mark.parametrize("name, folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
 def test_missing_cifar_says_where_and_how(tmp_path, name, folder):
     with pytest.raises(DataError) as info:

@@ -236,3 +236,21 @@ def test_freeze_epochs_keep_the_backbone(source, folder5, tmp_path):
     key = "features.denseblock_2.denselayer_1.conv_2.conv.weight"
     assert torch.equal(after[key], before[key])
     assert not torch.equal(after["classifier.weight"][:, :4], torch.zeros(5, 4))
+
+
+def test_finetune_preset_composes_and_validates():
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from cdnv2.cli import train as train_cli  # noqa: F401  (registers the schema)
+    from cdnv2.engine.validation import validate_config
+
+    with initialize_config_module("cdnv2.configs", version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=["experiment=finetune", "data=imagefolder",
+                                                              "data.root=/x", "model=cdnv2_a"]))
+    validate_config(cfg)
+    assert (cfg.optim.base_lr, cfg.optim.head_lr_scale, cfg.trainer.epochs) == (0.01, 10.0, 15)
+    assert cfg.sched.warmup_epochs == 0.5 and cfg.data.rrc_scale_min == 0.25
+    cfg.init_weights = "best"
+    with pytest.raises(ConfigError, match="init_weights='best'"):
+        validate_config(cfg)

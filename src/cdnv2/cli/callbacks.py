@@ -8,6 +8,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 COLUMNS = ["job", "overrides", "top1", "compact_top1", "parity_max_abs_diff", "paper_mflops", "paper_mparams", "train_seconds"]
 
@@ -56,3 +57,30 @@ class SweepSummary(Callback):
         table = markdown(rows)
         (sweep_dir / "summary.md").write_text(table + "\n")
         print(f"\nsweep summary ({sweep_dir / 'summary.csv'}):\n{table}", flush=True)
+
+
+class ValidateConfig(Callback):
+    """Check every value of a single run's config before Hydra creates its run directory.
+
+    ``on_run_start`` is the last point before Hydra makes the folder and writes
+    ``.hydra/`` and the log file there, so a bad value leaves nothing behind. Sweeps
+    are checked per job, by the trainer.
+    """
+
+    def __init__(self, prog: str) -> None:
+        self.prog = prog
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from ..engine import TrainConfig
+        from ..engine.validation import validate_config
+        from ..errors import UserError
+        from .common import exit_user_error
+
+        try:
+            user = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), user))
+            validate_config(cfg)
+        except UserError as e:
+            exit_user_error(self.prog, e)
+        except OmegaConfBaseException as e:  # e.g. an override that interpolates a missing key
+            exit_user_error(self.prog, f"{type(e).__name__}: {str(e).splitlines()[0]}; fix the override.")

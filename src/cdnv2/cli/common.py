@@ -97,5 +97,10 @@ def run_user_command(prog: str, fn: Callable[[], Any], extra_errors: tuple = ())
     try:
         return fn()
     except (UserError, *extra_errors) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(getattr(e, "exit_code", 2))
+        exit_user_error(prog, e)
+
+
+def exit_user_error(prog: str, error: Exception | str) -> typing.NoReturn:
+    """One paragraph on stderr, then the error's exit code (2 for a user error)."""
+    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(getattr(error, "exit_code", 2))

@@ -1,6 +1,7 @@
 """When and what to prune; group lasso; mask-safe EMA. Works on any module tree."""
 from .ema import ModelEMA
 from .schedule import (
+    LASSO_LAYERS,
     CondenseConfig,
     CondenseEvent,
     Condenser,
@@ -12,6 +13,7 @@ from .schedule import (
 )
 
 __all__ = [
+    "LASSO_LAYERS",
     "CondenseConfig",
     "CondenseEvent",
     "Condenser",

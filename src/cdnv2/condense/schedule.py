@@ -22,6 +22,9 @@ from torch import nn
 from ..layers import CondensingConv1x1, LearnedLinear, SparseFeatureReactivation
 
 
+LASSO_LAYERS = ("lgc", "sfr")  # layer kinds the group lasso can cover
+
+
 @dataclass
 class CondenseConfig:
     """Condensation schedule and group-lasso settings (the ``condense`` config group)."""

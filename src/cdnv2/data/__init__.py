@@ -1,5 +1,5 @@
 """Datasets, transforms and loaders: ``build_data(DataConfig, seed=...)`` is the entry point."""
-from .config import DATASETS, DataConfig, DataError
+from .config import DATASETS, DataConfig, DataError, check_data_config
 from .loaders import Data, build_data
 from .mixup import mixup_cutmix
 from .samplers import ShardSampler, TrainBatchSampler
@@ -18,6 +18,7 @@ __all__ = [
     "build_data",
     "build_eval_transform",
     "build_train_transform",
+    "check_data_config",
     "make_shapes",
     "mixup_cutmix",
 ]

@@ -1,15 +1,19 @@
 """The data config (also the Hydra schema of the ``data`` group) and the data error."""
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import dataclass
 from typing import Optional
+
+from ..errors import UserError
 
 DATASETS = ("shapes", "cifar10", "cifar100", "imagenet", "imagefolder")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 ON_CORRUPT = ("raise", "skip")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A problem with the data the user can fix (missing folder, unreadable image, bad
     data config). The message is one paragraph meant to be printed as is, without a
     traceback."""
@@ -45,3 +49,73 @@ class DataConfig:
     on_corrupt: str = "raise"  # raise | skip: what an unreadable image does
     num_train: int = 10000  # shapes: generated train images
     num_val: int = 2000  # shapes: generated val images
+
+
+def check_data_config(cfg: DataConfig, world_size: int = 1) -> None:
+    """Raise :class:`DataError` for a value of ``cfg`` that cannot work (before any file is read)."""
+    if cfg.name not in DATASETS:
+        close = difflib.get_close_matches(cfg.name, DATASETS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise DataError(f"Unknown data={cfg.name!r}; {hint}use one of the known datasets: {', '.join(DATASETS)}.")
+    if cfg.interpolation not in INTERPOLATIONS:
+        raise DataError(f"data.interpolation={cfg.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}; use one of them.")
+    if cfg.on_corrupt not in ON_CORRUPT:
+        raise DataError(f"data.on_corrupt={cfg.on_corrupt!r} is not one of {', '.join(ON_CORRUPT)}; use one of them.")
+    if cfg.batch_size < 1 or cfg.batch_size % world_size:
+        raise DataError(
+            f"data.batch_size={cfg.batch_size} must be a positive multiple of the world size {world_size}; "
+            "set data.batch_size to such a value (it is the global batch)."
+        )
+    if cfg.eval_batch_size is not None and cfg.eval_batch_size < 1:
+        raise DataError(f"data.eval_batch_size={cfg.eval_batch_size} must be positive; set a positive value, or null.")
+    if cfg.num_workers < 0 or cfg.image_size < 1 or cfg.crop_padding < 0:
+        raise DataError(
+            f"data.num_workers={cfg.num_workers}, data.image_size={cfg.image_size} and "
+            f"data.crop_padding={cfg.crop_padding} must not be negative (image_size >= 1); set them accordingly."
+        )
+    if cfg.eval_resize is not None and cfg.eval_resize < cfg.image_size:
+        # The centre crop would be larger than the resized image and pad it with black.
+        raise DataError(
+            f"data.eval_resize={cfg.eval_resize} is smaller than data.image_size={cfg.image_size}: the "
+            "eval crop would not fit. Set data.eval_resize >= data.image_size, or null to resize to the crop."
+        )
+    _check_fractions(cfg)
+    for key in ("mean", "std"):
+        value = getattr(cfg, key)
+        if value is not None and (len(value) != 3 or not all(math.isfinite(v) for v in value)):
+            raise DataError(
+                f"data.{key}={list(value)} needs 3 values (R, G, B), all finite; give three, or null "
+                "for the dataset's own."
+            )
+    if cfg.std is not None and min(cfg.std) <= 0:
+        raise DataError(f"data.std={list(cfg.std)} must be positive; give three positive values, or null.")
+    _check_randaugment(cfg)
+    if cfg.name == "shapes" and (cfg.num_train < 1 or cfg.num_val < 1):
+        raise DataError(f"data.num_train={cfg.num_train} and data.num_val={cfg.num_val} must be positive; set both >= 1.")
+
+
+def _check_fractions(cfg: DataConfig) -> None:
+    if not 0 <= cfg.val_fraction < 1:
+        raise DataError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1); set e.g. data.val_fraction=0.1, or 0.")
+    if not 0 <= cfg.random_erasing <= 1 or not 0 < cfg.rrc_scale_min <= 1:
+        raise DataError(
+            f"data.random_erasing={cfg.random_erasing} must be in [0, 1] and "
+            f"data.rrc_scale_min={cfg.rrc_scale_min} in (0, 1]; set them in those ranges."
+        )
+
+
+def _check_randaugment(cfg: DataConfig) -> None:
+    bins = cfg.randaugment_num_bins
+    if bins < 2 or cfg.randaugment_num_ops < 0 or not 0 <= cfg.randaugment_mstd < math.inf:
+        raise DataError(
+            f"data.randaugment_num_bins={bins} must be >= 2, data.randaugment_num_ops="
+            f"{cfg.randaugment_num_ops} >= 0 and data.randaugment_mstd={cfg.randaugment_mstd} >= 0; "
+            "set them in those ranges (timm's rand-m9-mstd0.5: 11 bins, 2 ops, mstd 0.5)."
+        )
+    magnitude = cfg.randaugment_magnitude
+    if magnitude is not None and not 0 <= magnitude <= bins - 1:
+        raise DataError(
+            f"data.randaugment_magnitude={magnitude} is outside the scale 0..{bins - 1} set by "
+            f"data.randaugment_num_bins={bins}; use a magnitude in that range (timm's rand-m9 is 9), "
+            "or null to turn RandAugment off."
+        )

@@ -12,7 +12,6 @@ with ``on_corrupt="skip"``, counts it, logs it once and goes on).
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -22,9 +21,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from . import cifar, folders, shapes
-from .config import DATASETS, ON_CORRUPT, DataConfig, DataError
+from .config import DataConfig, DataError, check_data_config
 from .samplers import ShardSampler, TrainBatchSampler, mix_seed
-from .transforms import build_eval_transform, build_train_transform, eval_preprocess, interpolation_mode
+from .transforms import build_eval_transform, build_train_transform, eval_preprocess
 
 log = logging.getLogger(__name__)
 
@@ -161,44 +160,8 @@ class Data:
         return self.train_loader.num_skipped + self.val_loader.num_skipped
 
 
-def _check_config(cfg: DataConfig, rank: int, world_size: int) -> None:
-    if cfg.name not in DATASETS:
-        close = difflib.get_close_matches(cfg.name, DATASETS, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise DataError(f"Unknown data={cfg.name!r}; {hint}known datasets: {', '.join(DATASETS)}.")
-    interpolation_mode(cfg.interpolation)
-    if cfg.on_corrupt not in ON_CORRUPT:
-        raise DataError(f"data.on_corrupt={cfg.on_corrupt!r} is not one of {', '.join(ON_CORRUPT)}.")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} is outside 0..{world_size - 1}")
-    if cfg.batch_size < 1 or cfg.batch_size % world_size:
-        raise DataError(f"data.batch_size={cfg.batch_size} must be a positive multiple of the world size {world_size}.")
-    if cfg.eval_batch_size is not None and cfg.eval_batch_size < 1:
-        raise DataError(f"data.eval_batch_size={cfg.eval_batch_size} must be positive (or null).")
-    if cfg.num_workers < 0 or cfg.image_size < 1 or cfg.crop_padding < 0:
-        raise DataError(
-            f"data.num_workers={cfg.num_workers}, data.image_size={cfg.image_size} and "
-            f"data.crop_padding={cfg.crop_padding} must not be negative (image_size >= 1)."
-        )
-    if not 0 <= cfg.val_fraction < 1:
-        raise DataError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1).")
-    if not 0 <= cfg.random_erasing <= 1 or not 0 < cfg.rrc_scale_min <= 1:
-        raise DataError(
-            f"data.random_erasing={cfg.random_erasing} must be in [0, 1] and "
-            f"data.rrc_scale_min={cfg.rrc_scale_min} in (0, 1]."
-        )
-    for key in ("mean", "std"):
-        value = getattr(cfg, key)
-        if value is not None and len(value) != 3:
-            raise DataError(f"data.{key}={list(value)} needs 3 values (R, G, B).")
-    if cfg.std is not None and min(cfg.std) <= 0:
-        raise DataError(f"data.std={list(cfg.std)} must be positive.")
-
-
 def _build_sources(cfg: DataConfig, seed: int) -> tuple[Any, Any, list[str]]:
     if cfg.name == "shapes":
-        if cfg.num_train < 1 or cfg.num_val < 1:
-            raise DataError(f"data.num_train={cfg.num_train} and data.num_val={cfg.num_val} must be positive.")
         # Train and val from different streams of the run's seed: no image is shared.
         x, y = shapes.make_shapes(cfg.num_train, mix_seed(seed, 3, 0), cfg.image_size)
         xv, yv = shapes.make_shapes(cfg.num_val, mix_seed(seed, 3, 1), cfg.image_size)
@@ -222,7 +185,9 @@ def build_data(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1
     Raises :class:`DataError` (a message to print, no traceback needed) for a bad
     config or a missing / malformed dataset.
     """
-    _check_config(cfg, rank, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is outside 0..{world_size - 1}")
+    check_data_config(cfg, world_size)
     train_src, val_src, classes = _build_sources(cfg, seed)
     if len(val_src) == 0:
         raise DataError(f"data={cfg.name}: the validation set is empty.")

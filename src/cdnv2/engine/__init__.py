@@ -1,6 +1,7 @@
 """Training engine: plain dataclass configs in, a run directory and a report out."""
 from .config import ModelConfig, OptimConfig, SchedConfig, TrainConfig, TrainerConfig, config_from_dict, config_to_dict
 from .trainer import Trainer, summary_table, train
+from .validation import validate_config
 
 __all__ = [
     "ModelConfig",
@@ -13,4 +14,5 @@ __all__ = [
     "config_to_dict",
     "summary_table",
     "train",
+    "validate_config",
 ]

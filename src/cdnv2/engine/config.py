@@ -13,6 +13,14 @@ from typing import Any, Optional
 from ..condense import CondenseConfig
 from ..data import DataConfig
 
+# The names a string key accepts (cdnv2.engine.validation checks them).
+OPTIMIZERS = ("sgd",)
+SCHEDULES = ("cosine",)
+AMP_MODES = ("none", "bf16", "fp16")
+PROGRESS_MODES = ("auto", "bar", "lines", "none")
+NAN_POLICIES = ("raise", "skip")
+RESUME_MODES = ("auto", "never")
+
 
 @dataclass
 class ModelConfig:

@@ -85,12 +85,19 @@ def check_init_config(init: str | None, init_weights: str) -> None:
     """The cheap checks, done before data or model are built."""
     if init_weights not in INIT_WEIGHTS:
         raise ConfigError(f"init_weights={init_weights!r}: use ema (the EMA weights when the file has them) or raw")
-    if init is not None and not Path(init).expanduser().is_file():
+    if init is not None and not _is_file(init):
         raise ConfigError(
             f"init={init!r}: no such file. Give a cdnv2 checkpoint (runs/.../checkpoints/last.pt), a "
             "compact artifact (model_compact.pt) or an official CondenseNetV2 release file; to continue "
             "an interrupted run use resume=... instead"
         )
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).expanduser().is_file()
+    except (OSError, ValueError):  # a NUL byte, a name too long, ...
+        return False
 
 
 # ----------------------------------------------------------------------------- masked layout

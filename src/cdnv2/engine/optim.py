@@ -6,7 +6,6 @@ import math
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from .config import OptimConfig, SchedConfig
 
 
@@ -43,9 +42,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, *, split_head
     """SGD; the head has groups of its own with ``split_head`` or a ``head_lr_scale`` != 1."""
     if cfg.name != "sgd":
         raise ValueError(f"optim.name={cfg.name!r} is not supported; use 'sgd'")
-    if not cfg.head_lr_scale > 0:
-        raise ConfigError(f"optim.head_lr_scale={cfg.head_lr_scale}: must be > 0 (1 = the same lr as the rest; "
-                          "to keep the backbone still, use trainer.freeze_epochs)")
     return torch.optim.SGD(
         param_groups(model, cfg.weight_decay, cfg.head_lr_scale, split_head or cfg.head_lr_scale != 1.0),
         lr=lr,

@@ -23,20 +23,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import convert as convert_mod
-from ..condense import Condenser, ModelEMA, condensing_layers
+from ..condense import Condenser, ModelEMA, condensing_layers, layer_kind
 from ..data import build_data, mixup_cutmix
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
 from ..evaluate import EvalResult, evaluate
 from ..flops import count_cost
-from ..models import create_model, is_model, unknown_model_message
+from ..models import create_model
 from .. import checkpoint as ckpt
-from .config import TrainConfig, config_to_dict
-from .init_from import check_init_config, init_model
+from .config import AMP_MODES, TrainConfig, config_to_dict
+from .init_from import init_model
 from .distributed import DistInfo, all_reduce_sum, any_rank, cleanup, init_distributed
 from .logger import MetricLogger, Progress, format_table, log
 from .optim import build_optimizer, lr_at, resolve_lr, set_lr
+from .validation import validate_config
 
-_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_AMP = dict(zip(AMP_MODES, (None, torch.bfloat16, torch.float16)))
 
 
 def resolve_device(name: str, dist: DistInfo) -> torch.device:
@@ -53,29 +54,11 @@ def resolve_device(name: str, dist: DistInfo) -> torch.device:
     return torch.device(name)
 
 
-def _validate(cfg: TrainConfig) -> None:
-    t = cfg.trainer
-    if not is_model(cfg.model.name):
-        raise ConfigError(f"model.name: {unknown_model_message(cfg.model.name)}")
-    if t.epochs < 1:
-        raise ConfigError(f"trainer.epochs must be >= 1, got {t.epochs}")
-    if t.amp not in _AMP:
-        raise ConfigError(f"trainer.amp={t.amp!r}: use one of {sorted(_AMP)}")
-    if t.nan_policy not in ("raise", "skip"):
-        raise ConfigError(f"trainer.nan_policy={t.nan_policy!r}: use raise or skip")
-    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
-        raise CheckpointError(
-            f"resume={cfg.resume!r}: no such file; use resume=auto (the run directory's last "
-            "checkpoint), resume=never, or a path to a checkpoint"
-        )
-
-
 class Trainer:
     """Owns the model, optimizer, EMA, condensation schedule and run directory."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path):
-        _validate(cfg)
-        check_init_config(cfg.init, cfg.init_weights)
+        validate_config(cfg)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         if cfg.trainer.threads:
@@ -125,7 +108,7 @@ class Trainer:
             ModelEMA(self.model, cfg.trainer.ema_decay, warmup=cfg.trainer.ema_warmup)
             if cfg.trainer.ema_decay else None
         )
-        self.autocast_dtype = _AMP[cfg.trainer.amp] if self.device.type == "cuda" else None
+        self.autocast_dtype = _AMP[cfg.trainer.amp]  # validation allows fp16 on CUDA only
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
 
         self.step = 0  # completed optimizer steps
@@ -140,6 +123,7 @@ class Trainer:
         self._resume()
         self.train_model = self._wrap(self.model)
         self.logger = MetricLogger(self.run_dir if self.is_main else None)
+        self._log_start()
 
     # ------------------------------------------------------------------ set-up
     def _init_weights(self):
@@ -152,6 +136,22 @@ class Trainer:
         if self.is_main:
             log.info("weights from init=%s\n%s", self.cfg.init, report.table())
         return report
+
+    def _log_start(self) -> None:
+        """One line with what the run will do, so a wrong dataset or lr shows at once."""
+        if not self.is_main:
+            return
+        fires: dict[str, set[int]] = {}
+        for name, layer in self.condenser.layers:
+            fires.setdefault(layer_kind(layer), set()).update(self.condenser.fire_at[name])
+        schedule = "; ".join(f"{kind} at steps {sorted(steps)}" for kind, steps in sorted(fires.items()))
+        log.info(
+            "run %s: data=%s with %d train / %d val images, %d classes; lr %.4g; %d steps "
+            "(%d epochs x %d); condensation: %s",
+            self.run_dir, self.cfg.data.name, len(self.data.train_loader.dataset),
+            len(self.data.val_loader.dataset), self.data.num_classes, self.peak_lr, self.total_steps,
+            self.cfg.trainer.epochs, self.steps_per_epoch, schedule or "none (no condensing layers)",
+        )
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.dist.enabled:
@@ -633,5 +633,6 @@ def _test_kill_hook(step: int, dist: DistInfo) -> None:
 
 def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     """Run (or resume) a whole training run in ``run_dir``; returns the report dict."""
+    validate_config(cfg)  # before the run directory is made
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, run_dir).fit()
