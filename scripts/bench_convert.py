@@ -29,9 +29,8 @@ import torch
 import torchvision
 
 import cdnv2
-from cdnv2.convert import convert_model, save_compact, to_compact_training
-from cdnv2.layers import CondensingConv1x1
-from cdnv2.layers.compact import release_workspace
+from cdnv2.checkpoint import save_compact
+from cdnv2.compact import convert_model, release_workspace, to_compact_training
 
 PEERS = {"cdnv2_a": "shufflenet_v2_x0_5", "cdnv2_b": "shufflenet_v2_x1_0", "cdnv2_c": "mobilenet_v2"}
 
@@ -55,12 +54,7 @@ def parse_args(argv=None):
 
 def condensed(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = cdnv2.create_model(name)
-    for m in model.modules():
-        if isinstance(m, CondensingConv1x1):
-            while not m.fully_condensed:
-                m.condense_step()
-    return model.eval()
+    return cdnv2.condense_fully(cdnv2.create_model(name)).eval()
 
 
 def time_round_robin(fns: dict, repeats: int, warmup: int, *, rewarm: bool = True) -> dict[str, list[float]]:

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import cdnv2
-from cdnv2.condense import condensing_layers
-from cdnv2.convert import to_compact_training
+from cdnv2.compact import to_compact_training
 
 
 def step_time(model, optimizer, x, y, repeats: int) -> float:
@@ -49,9 +48,7 @@ def bench_variant(name: str, batch: int, size: int, repeats: int, device: str) -
     y = torch.randint(0, 1000, (batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     masked = step_time(model, opt, x, y, repeats)
-    for _, m in condensing_layers(model):
-        while not m.fully_condensed:
-            m.condense_step()
+    cdnv2.condense_fully(model)
     to_compact_training(model, opt)
     compact = step_time(model, opt, x, y, repeats)
     return {"model": name, "masked_ms": 1e3 * masked, "compact_ms": 1e3 * compact,

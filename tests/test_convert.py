@@ -7,26 +7,30 @@ import torch
 from torch import nn
 
 import cdnv2
-from cdnv2.convert import (
-    CheckpointError,
-    ParityError,
-    check_parity,
-    convert_model,
-    load_model,
-    restructure_for_state_dict,
-    save_compact,
-    to_compact_training,
-)
-from cdnv2.layers import CondensingConv1x1, LearnedGroupConv, SparseFeatureReactivation
-from cdnv2.layers.compact import (
+from cdnv2.checkpoint import load_model, save_compact
+from cdnv2.compact import (
     CompactDenseBlock,
     CompactDenseLayer,
     CompactFeatures,
+    ParityError,
+    check_parity,
+    convert_model,
+    release_workspace,
+    restructure_for_state_dict,
+    to_compact_training,
+)
+from cdnv2.condense import condense_fully
+from cdnv2.errors import CheckpointError
+from cdnv2.layers import (
     CompactLGC,
     CompactLinear,
     CompactSFR,
     CompactTrainLGC,
+    CondensingConv1x1,
+    LearnedGroupConv,
+    SparseFeatureReactivation,
 )
+from cdnv2.layers.index_kernels import gather_lgc_weight, gather_linear_weight, gather_sfr_weight
 
 MODELS = [n for n in cdnv2.list_models() if not n.startswith("densenet")]
 BIG = {"cdnv2_c", "condensenet_74_c4", "condensenet_74_c8"}
@@ -47,14 +51,6 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
             elif isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
-
-
-def condense_fully(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, CondensingConv1x1):
-            while not m.fully_condensed:
-                m.condense_step()
     return model
 
 
@@ -143,7 +139,6 @@ def test_fused_path_switches_between_inference_mode_and_no_grad():
     masked = make("cdnv2_tiny")
     compact = convert_model(masked, check=False)
     x = example(masked)
-    from cdnv2.layers.compact import release_workspace
     release_workspace()
     with torch.inference_mode():
         a = compact(x)  # scratch made here are inference tensors
@@ -154,6 +149,22 @@ def test_fused_path_switches_between_inference_mode_and_no_grad():
     assert torch.equal(a, b) and torch.equal(b, c)
     with torch.no_grad():
         assert max_rel_diff(masked(x), b) < 1e-4
+
+
+def test_fused_forward_leaves_the_modules_unchanged_and_collectable():
+    import gc
+    import weakref
+
+    compact = convert_model(make("cdnv2_tiny"))
+    before = {n: dict(vars(m)) for n, m in compact.named_modules()}
+    with torch.no_grad():
+        compact(example(compact))  # builds plans (kept in side stores, not on the modules)
+    after = {n: dict(vars(m)) for n, m in compact.named_modules()}
+    assert {n: set(d) for n, d in after.items()} == {n: set(d) for n, d in before.items()}
+    ref = weakref.ref(compact)
+    del compact, before, after
+    gc.collect()
+    assert ref() is None  # the side stores do not keep a model alive
 
 
 def test_hooks_added_after_a_fused_call_still_fire():
@@ -346,7 +357,7 @@ def test_restructure_for_state_dict_then_strict_load():
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, "no such checkpoint file"),
+    (None, "no such file"),
     (b"", "cannot be read"),
     (b"PK\x03\x04 truncated zip", "cannot be read"),
     ([1, 2, 3], "not a cdnv2 checkpoint"),
@@ -364,6 +375,24 @@ def test_bad_checkpoints_raise_checkpoint_error_naming_the_file(tmp_path, conten
         load_model(path)
     assert str(path) in str(e.value)
     assert isinstance(e.value, ValueError)
+
+
+class _RunsCode:
+    """Pickles as a call of os.system: what a malicious checkpoint would carry."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+def test_checkpoint_that_would_run_code_is_refused_naming_the_global(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "cdnv2", "payload": _RunsCode()}, path)
+    with pytest.raises(CheckpointError, match="contains code that cannot be loaded safely") as e:
+        load_model(path)
+    assert "posix.system" in str(e.value) or "nt.system" in str(e.value)
+    assert str(path) in str(e.value) and "truncated" not in str(e.value)
 
 
 def test_truncated_artifact_raises_checkpoint_error(tmp_path):
@@ -428,13 +457,13 @@ def test_compact_training_form_matches_masked_training(name):
             old = masked_mods[name_]
             kept = old.kept_indices()
             if isinstance(m, CompactTrainLGC):
-                from cdnv2.layers.compact import gather_lgc_weight as gather
+                gather = gather_lgc_weight
                 new_w, args = m.conv.weight, (kept, old.groups)
             elif isinstance(m, CompactSFR):
-                from cdnv2.layers.compact import gather_sfr_weight as gather
+                gather = gather_sfr_weight
                 new_w, args = m.conv.weight, (kept, old.groups)
             else:
-                from cdnv2.layers.compact import gather_linear_weight as gather
+                gather = gather_linear_weight
                 new_w, args = m.linear.weight, (kept,)
             assert torch.allclose(new_w, gather(old.conv.weight, *args), atol=1e-5), name_
             assert torch.allclose(new_w.grad, gather(old.conv.weight.grad, *args), atol=1e-5), name_

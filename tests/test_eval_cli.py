@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cdnv2 import convert as convert_mod
+import cdnv2
 from cdnv2.cli import eval as eval_cli
-from cdnv2.cli.loading import guess_official_variant
+from cdnv2.compact.official import guess_official_variant
 from cdnv2.data import DataConfig
 from cdnv2.engine import TrainConfig, TrainerConfig, train
-from cdnv2.errors import ConfigError
+from cdnv2.errors import CheckpointError, ConfigError
 from cdnv2.export import ExportError, export_and_check, require_onnx
 from cdnv2.models import create_model
 
@@ -148,7 +148,7 @@ def test_official_layout_file_evaluates_like_the_original(run_dir, tmp_path):
     out = tmp_path / "official_compact.pt"
     convert_cli.run(convert_cli.ConvertConfig(checkpoint=str(official), official="cdnv2_tiny", out=str(out),
                                               parity_samples=2, bench=False))
-    compact, masked = convert_mod.load_model(out), convert_mod.load_model(snapshot, weights="raw")
+    compact, masked = cdnv2.load_model(out), cdnv2.load_model(snapshot, weights="raw")
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(compact(x), masked(x), atol=1e-5)
@@ -159,8 +159,8 @@ def test_converted_official_file_with_ema_and_args(run_dir, tmp_path):
 
     test_official = pytest.importorskip("test_official", reason="needs the official-layout helpers")
     snapshot = run_dir / "checkpoints/condense-step0000004.pt"
-    raw = convert_mod.load_model(snapshot, weights="raw")
-    ema = convert_mod.load_model(snapshot, weights="ema")
+    raw = cdnv2.load_model(snapshot, weights="raw")
+    ema = cdnv2.load_model(snapshot, weights="ema")
     official = tmp_path / "converted.pth.tar"
     torch.save({"epoch": 1, "args": argparse.Namespace(model="cdnv2_tiny"),  # as timm's saver writes
                 "state_dict": test_official.converted_layout(raw, "module."),
@@ -189,7 +189,7 @@ def test_convert_command_and_torchscript_round_trip(run_dir, tmp_path):
     _no_traceback(r)
     for text in ("masked", "compact", "paper-rule FLOPs", "weights file (MB)", "parity: max |diff|", "torchscript"):
         assert text in r.stdout, text
-    compact = convert_mod.load_model(out)
+    compact = cdnv2.load_model(out)
     artifact = load(out)
     assert artifact["data"]["num_val"] == 128 and artifact["seed"] == 0  # eval needs no data=...
     x = torch.randn(5, 3, 32, 32)
@@ -206,7 +206,7 @@ def test_convert_command_and_torchscript_round_trip(run_dir, tmp_path):
 def test_onnx_export_matches_pytorch(run_dir, tmp_path):
     pytest.importorskip("onnxruntime", reason="ONNX export needs the cdnv2[export] extra (onnxruntime)")
     pytest.importorskip("onnxscript", reason="ONNX export needs the cdnv2[export] extra (onnxscript)")
-    compact = convert_mod.load_model(run_dir / "model_compact.pt")
+    compact = cdnv2.load_model(run_dir / "model_compact.pt")
     checks = export_and_check(compact, ["onnx"], tmp_path / "tiny", (3, 32, 32))
     (c,) = checks
     assert c.ok and c.max_abs_diff < 1e-4 and c.batch_sizes == [1, 3]
@@ -255,7 +255,6 @@ def test_eval_command_errors_are_one_clear_paragraph(run_dir, tmp_path, case):
 def test_unreadable_files_exit_with_a_message(run_dir, tmp_path, case, capsys):
     # The command's own error path (run_user_command), in-process to spare a start-up each.
     from cdnv2.cli.common import run_user_command
-    from cdnv2.cli.loading import CHECKPOINT_ERRORS
 
     path = tmp_path / f"{case}.pt"
     if case == "truncated":
@@ -273,7 +272,7 @@ def test_unreadable_files_exit_with_a_message(run_dir, tmp_path, case, capsys):
         expected = f"is a directory, not a checkpoint file; this looks like a run directory, e.g. checkpoint={run_dir}"
     cfg = eval_cli.EvalConfig(checkpoint=str(path), out=str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
-        run_user_command("cdnv2-eval", lambda: eval_cli.run(cfg), CHECKPOINT_ERRORS)
+        run_user_command("cdnv2-eval", lambda: eval_cli.run(cfg), (CheckpointError,))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("cdnv2-eval: error: checkpoint=") and expected in err

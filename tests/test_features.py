@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import cdnv2
-from cdnv2.convert import to_compact_training
+from cdnv2.compact import model_structure, to_compact_training
 
 from test_convert import make, randomize
 
@@ -115,7 +115,7 @@ def _detection_module():
 def test_detection_backbone_wiring():
     det = _detection_module()
     backbone = det.compact_backbone("cdnv2_tiny", stem_stride=2)
-    assert cdnv2.convert.model_structure(backbone) == "compact"
+    assert model_structure(backbone) == "compact"
     fpn = det.BlockFPN(backbone, out_channels=16)
     levels = fpn(torch.randn(2, 3, 64, 64))
     assert list(levels) == ["0", "1", "2", "pool"]

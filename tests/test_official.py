@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import cdnv2
-from cdnv2.convert import CheckpointError
-from cdnv2.layers import CondensingConv1x1
-from cdnv2.layers.compact import CompactLGC, CompactSFR
-from cdnv2.official import load_official_checkpoint
+from cdnv2.checkpoint import load_official_checkpoint
+from cdnv2.condense import condense_fully
+from cdnv2.errors import CheckpointError
+from cdnv2.layers import CompactLGC, CompactSFR, CondensingConv1x1
 
-from test_convert import condense_fully, randomize
+from test_convert import randomize
 
 VARIANTS = ["cdnv2_a", "cdnv2_b", pytest.param("cdnv2_c", marks=pytest.mark.slow)]
 
@@ -200,7 +200,7 @@ def test_missing_ema_and_foreign_files(tmp_path):
     sd = unconverted_layout(masked_model("cdnv2_a"))
     with pytest.raises(CheckpointError, match="has no 'state_dict_ema'.*use_ema=False"):
         load_official_checkpoint({"state_dict": sd}, "cdnv2_a", use_ema=True)
-    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+    with pytest.raises(CheckpointError, match="no such file"):
         load_official_checkpoint(tmp_path / "nope.pth", "cdnv2_a")
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a zip")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from cdnv2 import convert as convert_mod
+import cdnv2
 from cdnv2.data import DataConfig
 from cdnv2.engine import TrainConfig, TrainerConfig, train
 from cdnv2.errors import CheckpointError, ConfigError
@@ -46,12 +46,7 @@ def test_connectivity_matrix_hand_example():
 
 
 def _fully_condensed_tiny() -> torch.nn.Module:
-    model = create_model("cdnv2_tiny").eval()
-    for m in model.modules():
-        if hasattr(m, "condense_step"):
-            while not m.fully_condensed:
-                m.condense_step()
-    return model
+    return cdnv2.condense_fully(create_model("cdnv2_tiny").eval())
 
 
 def test_block_connectivity_from_masks_matches_a_hand_count():
@@ -85,9 +80,9 @@ def test_hand_set_masks_and_compact_forms_agree():
     assert m[0, 0].item() == 1.0  # untouched layer: dense
 
     condensed = _fully_condensed_tiny()
-    compact = convert_mod.convert_model(condensed)
+    compact = cdnv2.convert_model(condensed)
     train_form = copy.deepcopy(condensed)
-    convert_mod.to_compact_training(train_form)
+    cdnv2.to_compact_training(train_form)
     ref = block_connectivity(condensed, "mean")
     for other in (compact, train_form):
         got = block_connectivity(other, "mean")
@@ -132,7 +127,7 @@ def test_viz_command_draws_curves_and_connectivity(run_dir, tmp_path):
     # the JSON beside the picture holds the matrices of the run's last checkpoint
     saved = json.loads((tmp_path / "connectivity.json").read_text())
     assert saved["checkpoint"].endswith("checkpoints/last.pt") and saved["structure"] == "compact_train"
-    model = convert_mod.load_model(run_dir / "checkpoints/last.pt")
+    model = cdnv2.load_model(run_dir / "checkpoints/last.pt")
     for block, ref in zip(saved["blocks"], block_connectivity(model)):
         assert _same([[nan if v is None else v for v in row] for row in block["lgc"]], ref.lgc)
     series = read_metrics(run_dir / "metrics.jsonl")

@@ -10,11 +10,14 @@ __version__ = "0.1.0"
 
 # Heavier entry points are imported on first use so `import cdnv2` stays light.
 _LAZY = {
-    "convert_model": "cdnv2.convert",
-    "check_parity": "cdnv2.convert",
-    "load_model": "cdnv2.convert",
-    "save_compact": "cdnv2.convert",
-    "load_official_checkpoint": "cdnv2.official",
+    "Structure": "cdnv2.compact",
+    "convert_model": "cdnv2.compact",
+    "check_parity": "cdnv2.compact",
+    "to_compact_training": "cdnv2.compact",
+    "condense_fully": "cdnv2.condense",
+    "load_model": "cdnv2.checkpoint",
+    "save_compact": "cdnv2.checkpoint",
+    "load_official_checkpoint": "cdnv2.checkpoint",
 }
 
 

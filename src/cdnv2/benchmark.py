@@ -88,22 +88,6 @@ def device_note(device: torch.device | str) -> str:
     return f"CPU, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
 
 
-def format_grid(header: list[str], rows: list[list[str]], title: str | None = None) -> str:
-    """A plain-text table with a header row; the first column left-aligned."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def fmt(r: list[str]) -> str:
-        cells = [str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
-        return "| " + " | ".join(cells) + " |"
-
-    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-    out = [line]
-    if title:
-        out += ["| " + title.ljust(len(line) - 4) + " |", line]
-    out += [fmt(header), line, *(fmt(r) for r in rows), line]
-    return "\n".join(out)
-
-
 def compare_costs(
     models: dict[str, nn.Module],
     input_size: tuple[int, int, int],
@@ -131,9 +115,10 @@ def compare_costs(
 
 
 def cost_rows(costs: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of :func:`compare_costs` output, one column per model."""
+    """(header, rows) of :func:`compare_costs` output (or of ``CostReport.as_dict()`` per
+    model: no timing rows), one column per model."""
     names = list(costs)
-    batch = next(iter(costs.values()))["throughput_batch"] if costs else 0
+    batch = next(iter(costs.values())).get("throughput_batch", 0) if costs else 0
 
     def row(label, fmt):
         return [label, *(fmt(costs[n]) for n in names)]
@@ -143,7 +128,10 @@ def cost_rows(costs: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
         row("paper-rule params (M)", lambda c: f"{c['paper_params'] / 1e6:.3f}"),
         row("executed FLOPs (M)", lambda c: f"{c['exec_flops'] / 1e6:.2f}"),
         row("stored params (M)", lambda c: f"{c['params'] / 1e6:.3f}"),
-        row("latency, batch 1 (ms)", lambda c: f"{c['latency_ms_batch1']:.2f}"),
-        row(f"throughput, batch {batch} (img/s)", lambda c: f"{c['throughput_images_per_second']:.1f}"),
     ]
+    if all("latency_ms_batch1" in c for c in costs.values()):  # timed by compare_costs
+        rows += [
+            row("latency, batch 1 (ms)", lambda c: f"{c['latency_ms_batch1']:.2f}"),
+            row(f"throughput, batch {batch} (img/s)", lambda c: f"{c['throughput_images_per_second']:.1f}"),
+        ]
     return ["", *names], rows

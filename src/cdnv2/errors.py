@@ -30,3 +30,7 @@ class NonFiniteLossError(UserError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint file that is missing, truncated, foreign or does not fit the run."""
+
+
+class ParityError(UserError, ValueError):
+    """The compact model does not reproduce the masked model's outputs."""

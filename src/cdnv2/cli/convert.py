@@ -21,16 +21,17 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from .. import convert as convert_mod
-from ..benchmark import compare_costs, cost_rows, device_note, format_grid
+from ..benchmark import compare_costs, cost_rows, device_note
+from ..checkpoint import Loaded, open_checkpoint, save_compact
+from ..compact import Structure, check_parity, convert_model
 from ..condense import condensing_layers
 from ..data import DataError
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..export import ExportError, export_and_check, formats_for, require_onnx
 from ..flops import count_cost
+from ..tables import format_grid
 from .common import make_main, run_user_command
 from .eval import resolve_device
-from .loading import CHECKPOINT_ERRORS, Loaded, load_checkpoint_any, masked_reference
 
 PROG = "cdnv2-convert"
 
@@ -75,7 +76,7 @@ def _save_artifact(out: Path, compact: torch.nn.Module, loaded: Loaded) -> Path:
     metrics = dict(loaded.metrics or {})
     if metrics:
         metrics["measured_on"] = f"{loaded.structure} model of {loaded.path.name}"
-    convert_mod.save_compact(
+    save_compact(
         out, compact, model_name=loaded.model_name, model_kwargs=loaded.model_kwargs,
         class_names=loaded.class_names, preprocess=loaded.preprocess, metrics=metrics or None,
         data=loaded.data_config, seed=loaded.seed,
@@ -99,11 +100,11 @@ def run(cfg: ConvertConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    loaded = load_checkpoint_any(cfg.checkpoint, weights=cfg.weights, official=cfg.official)
+    loaded = open_checkpoint(cfg.checkpoint, weights=cfg.weights, official_name=cfg.official)
     size = loaded.input_size
     summary: dict[str, Any] = {"checkpoint": str(loaded.path), "model": loaded.model_name, "kind": loaded.kind}
 
-    if loaded.structure == "compact":
+    if loaded.structure is Structure.COMPACT:
         compact, out = loaded.model, loaded.path
         if cfg.out and Path(cfg.out).expanduser().resolve() != loaded.path.resolve():
             out = _save_artifact(Path(cfg.out).expanduser(), compact, loaded)
@@ -116,7 +117,7 @@ def run(cfg: ConvertConfig) -> dict:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(cfg.parity_samples, *size, generator=g)
         masked = loaded.model
-        if loaded.structure == "masked" and not condensing_layers(masked):
+        if loaded.structure is Structure.MASKED and not condensing_layers(masked):
             raise ConfigError(
                 f"{loaded.path}: {loaded.model_name} has no learned group convolutions, so it has no "
                 "compact form; it can be evaluated and exported as it is"
@@ -130,10 +131,10 @@ def run(cfg: ConvertConfig) -> dict:
                 "checkpoint from the second half of training, e.g. checkpoints/last.pt of a finished run"
             )
         try:
-            compact = convert_mod.convert_model(masked, example_input=x, check=False)
+            compact = convert_model(masked, example_input=x, check=False)
         except ValueError as e:
             raise ConfigError(f"{loaded.path} cannot be converted: {' '.join(str(e).split())}") from None
-        parity = convert_mod.check_parity(masked, compact, x)
+        parity = check_parity(masked, compact, x)
         summary["parity"] = {"max_abs_diff": parity.max_abs_diff, "output_scale": parity.output_scale,
                              "ok": parity.ok, "samples": cfg.parity_samples}
         if not parity.ok:
@@ -162,19 +163,12 @@ def run(cfg: ConvertConfig) -> dict:
 def before_after_table(loaded: Loaded, masked, compact, out: Path, parity, cfg: ConvertConfig,
                        device: torch.device) -> str:
     size = loaded.input_size
-    models = {"masked": masked_reference(loaded), "compact": compact}
+    models = {"masked": loaded.masked_reference(), "compact": compact}
     if cfg.bench:
         costs = compare_costs(models, size, device, batch=cfg.cost_batch, min_seconds=cfg.bench_seconds)
         header, rows = cost_rows(costs)
     else:
-        header = ["", *models]
-        reports = {n: count_cost(m, size) for n, m in models.items()}
-        rows = [
-            ["paper-rule FLOPs (M)", *(f"{r.paper_flops / 1e6:.2f}" for r in reports.values())],
-            ["paper-rule params (M)", *(f"{r.paper_params / 1e6:.3f}" for r in reports.values())],
-            ["executed FLOPs (M)", *(f"{r.exec_flops / 1e6:.2f}" for r in reports.values())],
-            ["stored params (M)", *(f"{r.params / 1e6:.3f}" for r in reports.values())],
-        ]
+        header, rows = cost_rows({n: count_cost(m, size).as_dict() for n, m in models.items()})
     rows.append(["weights file (MB)", f"{_weights_bytes(models['masked']) / 1e6:.2f}",
                  f"{out.stat().st_size / 1e6:.2f}"])
     title = f"{loaded.model_name}: masked -> compact (per {size[1]}x{size[2]} image, {device_note(device)})"
@@ -201,7 +195,7 @@ def export_table(checks) -> str:
 
 def _run(cfg: DictConfig) -> None:
     convert_cfg: ConvertConfig = OmegaConf.to_object(cfg)
-    run_user_command(PROG, lambda: run(convert_cfg), (DataError, *CHECKPOINT_ERRORS))
+    run_user_command(PROG, lambda: run(convert_cfg), (DataError, CheckpointError))
 
 
 main = make_main(PROG, ConvertConfig, set(), "convert", _run)

@@ -25,15 +25,16 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .. import convert as convert_mod
-from ..benchmark import compare_costs, cost_rows, device_note, format_grid
+from ..benchmark import compare_costs, cost_rows, device_note
+from ..checkpoint import Loaded, open_checkpoint
+from ..compact import Structure, convert_model
 from ..condense import condensing_layers
 from ..data import DataConfig, DataError, build_data
-from ..engine.logger import Progress, format_table
-from ..errors import ConfigError
+from ..engine.logger import Progress
+from ..errors import CheckpointError, ConfigError
 from ..evaluate import evaluate
 from .common import make_main, run_user_command
-from .loading import CHECKPOINT_ERRORS, Loaded, describe_class_mismatch, load_checkpoint_any, masked_reference
+from ..tables import format_grid, format_table
 
 PROG = "cdnv2-eval"
 GROUPS = {"data"}
@@ -153,21 +154,42 @@ def eval_json_path(cfg_out: Optional[str], checkpoint: Path) -> Path:
     return out
 
 
+def describe_class_mismatch(ours: list[str], theirs: list[str], limit: int = 4) -> Optional[str]:
+    """None if the class lists agree, else a short description of the differences."""
+    if list(ours) == list(theirs):
+        return None
+    only_ckpt = [c for c in ours if c not in set(theirs)]
+    only_data = [c for c in theirs if c not in set(ours)]
+    parts = [f"the checkpoint has {len(ours)} classes, the data {len(theirs)}"]
+
+    def show(items):
+        return ", ".join(map(repr, items[:limit])) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+    if only_ckpt:
+        parts.append(f"only in the checkpoint: {show(only_ckpt)}")
+    if only_data:
+        parts.append(f"only in the data: {show(only_data)}")
+    if not only_ckpt and not only_data:
+        moved = [f"#{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+        parts.append(f"same names in another order ({', '.join(moved[:limit])})")
+    return "; ".join(parts)
+
+
 def cost_section(loaded: Loaded, device: torch.device, batch: int, seconds: float,
                  example: Optional[torch.Tensor] = None) -> tuple[dict, str]:
     """Masked and compact cost side by side (compact converted in memory), or the one form."""
     size = loaded.input_size
     models: dict[str, torch.nn.Module] = {}
     note = ""
-    if loaded.structure == "compact":
+    if loaded.structure is Structure.COMPACT:
         models["compact"] = loaded.model
-    elif loaded.structure == "masked" and not condensing_layers(loaded.model):  # e.g. DenseNet: one form
+    elif loaded.structure is Structure.MASKED and not condensing_layers(loaded.model):  # e.g. DenseNet: one form
         models[loaded.model_name] = loaded.model
     else:
-        models["masked"] = masked_reference(loaded)
+        models["masked"] = loaded.masked_reference()
         try:
             x = example if example is not None else torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
-            models["compact"] = convert_mod.convert_model(loaded.model.cpu(), example_input=x.cpu())
+            models["compact"] = convert_model(loaded.model.cpu(), example_input=x.cpu())
         except ValueError as e:  # not fully condensed yet, or a parity failure
             note = f"no compact form: {' '.join(str(e).split())[:300]}"
     costs = compare_costs(models, size, device, batch=batch, min_seconds=seconds)
@@ -195,7 +217,7 @@ def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Opti
         )
     if cfg.cost_batch < 1 or cfg.bench_seconds < 0:
         raise ConfigError(f"cost_batch={cfg.cost_batch} must be >= 1 and bench_seconds={cfg.bench_seconds} >= 0")
-    loaded = load_checkpoint_any(cfg.checkpoint, weights=cfg.weights, official=cfg.official)
+    loaded = open_checkpoint(cfg.checkpoint, weights=cfg.weights, official_name=cfg.official)
     _set_threads(cfg, loaded)
     device = resolve_device(cfg.device)
     data_cfg, source = resolve_data_config(loaded, data, data_overrides)
@@ -293,7 +315,7 @@ def data_arguments(cfg: EvalConfig) -> tuple[Optional[DataConfig], dict]:
 
 def _run(cfg: DictConfig) -> None:
     eval_cfg: EvalConfig = OmegaConf.to_object(cfg)
-    run_user_command(PROG, lambda: run(eval_cfg, *data_arguments(eval_cfg)), (DataError, *CHECKPOINT_ERRORS))
+    run_user_command(PROG, lambda: run(eval_cfg, *data_arguments(eval_cfg)), (DataError, CheckpointError))
 
 
 main = make_main(PROG, EvalConfig, GROUPS, "eval", _run)

@@ -18,10 +18,10 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import ConfigError
+from ..checkpoint import open_checkpoint
+from ..errors import CheckpointError, ConfigError
 from ..viz import REDUCTIONS, VizError, block_connectivity, plot_connectivity, plot_curves, read_metrics
 from .common import make_main, run_user_command
-from .loading import CHECKPOINT_ERRORS, load_checkpoint_any
 
 PROG = "cdnv2-viz"
 
@@ -73,7 +73,7 @@ def run(cfg: VizConfig) -> dict[str, str]:
         series = read_metrics(run_dir / "metrics.jsonl")
         written["curves"] = str(plot_curves(series, out / "curves.png", title=f"{run_dir.name}: training curves"))
     if checkpoint is not None:
-        loaded = load_checkpoint_any(checkpoint, weights=cfg.weights, official=cfg.official)
+        loaded = open_checkpoint(checkpoint, weights=cfg.weights, official_name=cfg.official)
         blocks = block_connectivity(loaded.model, cfg.reduce)
         stem = "connectivity"
         title = (f"{loaded.model_name} ({loaded.structure}): fraction of each source's channels that a "
@@ -93,7 +93,7 @@ def run(cfg: VizConfig) -> dict[str, str]:
 
 def _run(cfg: DictConfig) -> None:
     viz_cfg: VizConfig = OmegaConf.to_object(cfg)
-    run_user_command(PROG, lambda: run(viz_cfg), (VizError, *CHECKPOINT_ERRORS))
+    run_user_command(PROG, lambda: run(viz_cfg), (VizError, CheckpointError))
 
 
 main = make_main(PROG, VizConfig, set(), "viz", _run)

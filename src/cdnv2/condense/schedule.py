@@ -54,6 +54,15 @@ def condensing_layers(model: nn.Module) -> list[tuple[str, CondensingConv1x1]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, CondensingConv1x1)]
 
 
+def condense_fully(model: nn.Module) -> nn.Module:
+    """Run every remaining condensation step of every LGC/SFR layer now (no schedule, no
+    training in between); returns ``model`` (changed in place), ready for conversion."""
+    for _, m in condensing_layers(model):
+        while not m.fully_condensed:
+            m.condense_step()
+    return model
+
+
 def step_fractions(num_steps: int, end_fraction: float, explicit: Optional[list[float]] = None) -> list[Fraction]:
     """Fractions of training after which each of ``num_steps`` condensation steps fires."""
     if explicit is not None:

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..cli.loading import load_checkpoint_any
+from ..checkpoint import open_checkpoint
 from ..errors import CheckpointError, ConfigError
 from ..layers import CondensingConv1x1
-from ..layers.compact import CompactLGC, CompactLinear, CompactSFR, CompactTrainLGC
-from .logger import format_table
+from ..layers import CompactLGC, CompactLinear, CompactSFR, CompactTrainLGC
+from ..tables import format_table
 
 INIT_WEIGHTS = ("ema", "raw")
 _KINDS = {"train": "training checkpoint", "compact": "compact artifact", "official": "official release file"}
@@ -117,7 +117,7 @@ def _bn_state(norm: nn.BatchNorm2d, size: int, index: torch.Tensor | None) -> di
 
 def _lgc_masked(m: CompactLGC | CompactTrainLGC) -> dict[str, torch.Tensor]:
     g, o, i = m.groups, m.out_channels, m.in_channels
-    idx = m.long_index().view(g, -1)  # group g reads inputs idx[g]
+    idx = m.index_long.view(g, -1)  # group g reads inputs idx[g]
     w = m.conv.weight.detach().reshape(g, o // g, -1)  # row g*O/G + d is output d*G + g
     dense = w.new_zeros(o // g, g, i)
     mask = w.new_zeros(o // g, g, i)
@@ -136,7 +136,7 @@ def _lgc_masked(m: CompactLGC | CompactTrainLGC) -> dict[str, torch.Tensor]:
 
 def _sfr_masked(m: CompactSFR) -> dict[str, torch.Tensor]:
     g, k, c = m.groups, m.in_channels, m.out_channels
-    targets = m.long_index().view(g, -1)  # input group g writes channels targets[g]
+    targets = m.index_long.view(g, -1)  # input group g writes channels targets[g]
     mask = m.conv.weight.new_zeros(c, k)
     for grp in range(g):
         mask[targets[grp][:, None], torch.arange(grp, k, g)] = 1.0
@@ -149,7 +149,7 @@ def _sfr_masked(m: CompactSFR) -> dict[str, torch.Tensor]:
 
 
 def _linear_masked(m: CompactLinear) -> dict[str, torch.Tensor]:
-    idx = m.long_index()
+    idx = m.index_long
     w = m.linear.weight.detach()
     dense = w.new_zeros(m.out_features, m.in_features)
     mask = torch.zeros_like(dense)
@@ -245,9 +245,9 @@ def init_model(model: nn.Module, path: str | Path, *, weights: str = "ema", clas
     """
     check_init_config(str(path), weights)
     try:
-        loaded = load_checkpoint_any(path, weights="auto" if weights == "ema" else "raw")
+        loaded = open_checkpoint(path, weights="auto" if weights == "ema" else "raw")
     except CheckpointError as e:
-        raise ConfigError(f"init={path}: {e}") from None
+        raise ConfigError(str(e).replace(f"checkpoint={Path(path).expanduser()}", f"init={path}")) from None
     diffs = _arch_differences(loaded.model_kwargs, model)
     source = masked_state(loaded.model)
     target = model.state_dict()
@@ -288,7 +288,8 @@ def init_model(model: nn.Module, path: str | Path, *, weights: str = "ema", clas
     if restart:
         condensation = "reset to dense by condense.restart=true: the full schedule runs"
     return InitReport(
-        source=str(path), kind=loaded.kind, model_name=loaded.model_name, structure=loaded.structure,
+        source=str(path), kind=str(getattr(loaded.kind, "value", loaded.kind)), model_name=loaded.model_name,
+        structure=str(getattr(loaded.structure, "value", loaded.structure)),
         weights=loaded.weights, condensation=condensation, loaded=sorted(take),
         reinitialised=head_keys if reason else [], reinit_reason=reason, ignored=_ignored(loaded, loaded.weights),
         notes=_normalisation_note(loaded.preprocess, preprocess),

@@ -79,16 +79,3 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def format_table(rows: list[tuple[str, str]], title: str | None = None) -> str:
-    """A two-column plain-text table for end-of-command summaries."""
-    width = max(len(k) for k, _ in rows)
-    vwidth = max(len(v) for _, v in rows)
-    line = "+" + "-" * (width + 2) + "+" + "-" * (vwidth + 2) + "+"
-    out = [line]
-    if title:
-        out += [f"| {title.ljust(width + vwidth + 3)} |", line]
-    out += [f"| {k.ljust(width)} | {v.rjust(vwidth)} |" for k, v in rows]
-    out.append(line)
-    return "\n".join(out)

@@ -22,7 +22,7 @@ import torch.distributed
 import torch.nn.functional as F
 from torch import nn
 
-from .. import convert as convert_mod
+from ..compact import Structure, check_parity, convert_model, restructure_for_state_dict, to_compact_training
 from ..condense import Condenser, ModelEMA, condensing_layers, layer_kind
 from ..data import build_data, mixup_cutmix
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted
@@ -30,10 +30,11 @@ from ..evaluate import EvalResult, evaluate
 from ..flops import count_cost
 from ..models import create_model
 from .. import checkpoint as ckpt
+from ..tables import format_table
 from .config import AMP_MODES, TrainConfig, config_to_dict
 from .init_from import init_model
 from .distributed import DistInfo, all_reduce_sum, any_rank, cleanup, init_distributed
-from .logger import MetricLogger, Progress, format_table, log
+from .logger import MetricLogger, Progress, log
 from .optim import build_optimizer, lr_at, resolve_lr, set_lr
 from .validation import validate_config
 
@@ -102,7 +103,7 @@ class Trainer:
         if cfg.trainer.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.condenser = Condenser(self.model, self.total_steps, cfg.condense, from_current_stage=bool(cfg.init))
-        self.structure = "masked"
+        self.structure = Structure.MASKED
         self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr, split_head=cfg.trainer.freeze_epochs > 0)
         self.ema = (
             ModelEMA(self.model, cfg.trainer.ema_decay, warmup=cfg.trainer.ema_warmup)
@@ -155,7 +156,7 @@ class Trainer:
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.dist.enabled:
-            if self.cfg.trainer.sync_bn and self.structure == "masked":
+            if self.cfg.trainer.sync_bn and self.structure is Structure.MASKED:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
                 self.model = model
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -171,17 +172,17 @@ class Trainer:
     def _compact_training_due(self) -> bool:
         return (
             self.cfg.trainer.compact_training
-            and self.structure == "masked"
+            and self.structure is Structure.MASKED
             and bool(self.condenser.layers)
             and self.condenser.done
         )
 
     def _swap_to_compact_training(self) -> None:
         """Second half of training: stop paying for pruned connections."""
-        convert_mod.to_compact_training(self.model, self.optimizer)
+        to_compact_training(self.model, self.optimizer)
         if self.ema is not None:
-            convert_mod.to_compact_training(self.ema.module)
-        self.structure = "compact_train"
+            to_compact_training(self.ema.module)
+        self.structure = Structure.COMPACT_TRAINING
         self.train_model = self._wrap(self.model)
         log.info("step %d: all masks final, switched to compact training layers", self.step)
 
@@ -192,7 +193,7 @@ class Trainer:
             "version": 1,
             "model_name": self.cfg.model.name,
             "model_kwargs": self.model.arch_kwargs(),
-            "structure": self.structure,
+            "structure": self.structure.value,
             "model_state": self.model.state_dict(),
             "ema_state": self.ema.state_dict() if self.ema else None,
             "ema_updates": self.ema.updates if self.ema else 0,
@@ -255,14 +256,14 @@ class Trainer:
         if state.get("kind") != "train":
             raise CheckpointError(f"{path} is a {state.get('kind')} artifact, not a training checkpoint")
         self._check_compatible(state, path)
-        if state["structure"] != "masked":
-            convert_mod.restructure_for_state_dict(self.model, state["model_state"])
+        if state["structure"] != Structure.MASKED:
+            restructure_for_state_dict(self.model, state["model_state"])
             if self.ema is not None:
-                convert_mod.restructure_for_state_dict(self.ema.module, state["model_state"])
+                restructure_for_state_dict(self.ema.module, state["model_state"])
             self.optimizer = build_optimizer(
                 self.model, self.cfg.optim, self.peak_lr, split_head=self.cfg.trainer.freeze_epochs > 0
             )
-            self.structure = state["structure"]
+            self.structure = Structure(state["structure"])
         self.model.load_state_dict(state["model_state"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema_state"] or state["model_state"])
@@ -277,7 +278,7 @@ class Trainer:
         self.last_eval = dict(state.get("metrics") or {})
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(_as_random_state(state["rng"]["python"]))
-        if self.structure == "masked":
+        if self.structure is Structure.MASKED:
             self.condenser.verify(self.step)
         elif self.step < self.condenser.final_step:
             raise CheckpointError(f"{path}: compact layers before the last condensation step")
@@ -318,7 +319,7 @@ class Trainer:
         except ValueError:  # not the main thread (e.g. a test harness): no handlers
             old = {}
         try:
-            if self.structure == "masked" and self.condenser.step(self.step) and self.is_main:
+            if self.structure is Structure.MASKED and self.condenser.step(self.step) and self.is_main:
                 log.info("applied condensation stages due at step %d", self.step)
             if self._compact_training_due():
                 self._swap_to_compact_training()
@@ -377,7 +378,7 @@ class Trainer:
         loss = F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
         if os.environ.get("CDNV2_TEST_NAN_AT_STEP") == str(self.step + 1):
             loss = loss * float("nan")  # test hook: a non-finite loss at this step
-        if self.condenser.lasso_active(self.step) and self.structure == "masked":
+        if self.condenser.lasso_active(self.step) and self.structure is Structure.MASKED:
             loss = loss + self.condenser.lasso_penalty()
         return loss
 
@@ -432,7 +433,7 @@ class Trainer:
     def after_step(self) -> None:
         """Count the step, apply due condensation stages, maybe swap to compact layers."""
         self.step += 1
-        event = self.condenser.step(self.step) if self.structure == "masked" else None
+        event = self.condenser.step(self.step) if self.structure is Structure.MASKED else None
         if event is not None:
             if self.ema is not None:
                 self.ema.sync_structure(self.model)
@@ -464,7 +465,7 @@ class Trainer:
             "train/lr": self.optimizer.param_groups[0]["lr"],
             "train/images_per_second": images_per_second,
         }
-        if self.condenser.lasso_active(self.step) and self.structure == "masked":
+        if self.condenser.lasso_active(self.step) and self.structure is Structure.MASKED:
             with torch.no_grad():
                 metrics["train/lasso"] = float(self.condenser.lasso_penalty())
         self.logger.log(self.step, self._epoch_float(), metrics)
@@ -492,11 +493,11 @@ class Trainer:
             log.info(
                 "epoch %d/%d: val top1 %.2f%% top5 %.2f%% loss %.4f (%s)",
                 self.epoch, self.cfg.trainer.epochs, result.top1, result.top5, result.loss,
-                "condensed" if self.condenser.done or self.structure != "masked" else
+                "condensed" if self.condenser.done or self.structure is not Structure.MASKED else
                 f"stage {self.condenser.stages()}",
             )
         self.save()
-        fully_condensed = self.structure != "masked" or self.condenser.done
+        fully_condensed = self.structure is not Structure.MASKED or self.condenser.done
         if fully_condensed and result.top1 > self.best_top1:
             self.best_top1 = result.top1
             self.save("best.pt")
@@ -504,7 +505,7 @@ class Trainer:
     # ------------------------------------------------------------------ the end
     def finalize(self) -> dict:
         """Evaluate the masked model, convert, check parity, evaluate the compact model."""
-        if self.structure == "masked":
+        if self.structure is Structure.MASKED:
             self.condenser.step(self.total_steps)  # no-op unless the schedule was cut short
         model = self.eval_model()
         masked = self.run_eval(model, "eval masked")
@@ -562,8 +563,8 @@ class Trainer:
 
     def _convert_and_eval(self, model: nn.Module, input_size, report: dict) -> dict:
         x = self._parity_batch()
-        compact = convert_mod.convert_model(model, example_input=x)
-        parity = convert_mod.check_parity(model, compact, x)
+        compact = convert_model(model, example_input=x)
+        parity = check_parity(model, compact, x)
         result = self.run_eval(compact, "eval compact")
         cost = count_cost(compact, input_size)
         report["flops"]["compact_exec"] = cost.exec_flops
@@ -571,7 +572,7 @@ class Trainer:
         report["params"]["compact"] = cost.params
         path = self.run_dir / "model_compact.pt"
         if self.is_main:
-            convert_mod.save_compact(
+            ckpt.save_compact(
                 path, compact, model_name=self.cfg.model.name, model_kwargs=self.model.arch_kwargs(),
                 class_names=list(self.data.class_names), preprocess=self.data.eval_preprocess,
                 metrics=result.as_dict(), data=dataclasses.asdict(self.cfg.data), seed=self.cfg.seed,

@@ -16,6 +16,19 @@ from torch import nn
 from .activations import create_act
 
 
+def check_condense_sizes(name: str, grouped: int, pruned: int, groups: int, condense_factor: int) -> None:
+    """ValueError naming ``name`` unless ``groups`` divides the grouped side and
+    ``condense_factor`` the pruned side (shared by the masked and compact layers)."""
+    if groups < 1 or condense_factor < 1:
+        raise ValueError(f"{name}: groups={groups} and condense_factor={condense_factor} must be >= 1")
+    if grouped % groups:
+        raise ValueError(f"{name}: {grouped} grouped channels are not divisible by groups={groups}")
+    if pruned % condense_factor:
+        raise ValueError(
+            f"{name}: {pruned} prunable channels are not divisible by condense_factor={condense_factor}"
+        )
+
+
 class CondensingConv1x1(nn.Module):
     """Shared machinery of :class:`LearnedGroupConv` and :class:`SparseFeatureReactivation`."""
 
@@ -33,23 +46,10 @@ class CondensingConv1x1(nn.Module):
         bias: bool = False,
     ):
         super().__init__()
-        name = type(self).__name__
-        if groups < 1 or condense_factor < 1:
-            raise ValueError(
-                f"{name}: groups={groups} and condense_factor={condense_factor} must be >= 1"
-            )
         grouped, pruned = (
             (out_channels, in_channels) if self.group_axis == 0 else (in_channels, out_channels)
         )
-        if grouped % groups:
-            raise ValueError(
-                f"{name}: {grouped} grouped channels are not divisible by groups={groups}"
-            )
-        if pruned % condense_factor:
-            raise ValueError(
-                f"{name}: {pruned} prunable channels are not divisible by "
-                f"condense_factor={condense_factor}"
-            )
+        check_condense_sizes(type(self).__name__, grouped, pruned, groups, condense_factor)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.groups = groups

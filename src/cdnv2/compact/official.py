@@ -1,4 +1,8 @@
-"""Read the official CondenseNetV2 release files (SPEC 7) into our models.
+"""Official CondenseNetV2 release files (SPEC 7): recognise them, map them onto our models.
+
+:func:`official_state_dict` / :func:`guess_official_variant` recognise a file's dict and
+its variant; :func:`build_official_model` turns its state dict into our model. Files are
+read by :func:`cdnv2.checkpoint.load_official_checkpoint` / ``open_checkpoint``.
 
 The official model names its modules like ours (``features.denseblock_{b}.denselayer_{l}``
 with ``conv_1`` / ``conv_2`` / ``se`` / ``sfr``), so most keys map one to one. The
@@ -17,48 +21,35 @@ differences, all handled by :func:`official_to_ours`:
 """
 from __future__ import annotations
 
-import argparse
-import os
+import re
 import warnings
-from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .convert import CheckpointError, restructure_for_state_dict
-from .layers import CondensingConv1x1, SparseFeatureReactivation
+from ..errors import CheckpointError
+from ..layers import CondensingConv1x1, SparseFeatureReactivation
+from ..models import create_model
+from .convert import restructure_for_state_dict
 
-__all__ = ["load_official_checkpoint", "official_to_ours"]
+__all__ = [
+    "OFFICIAL_VARIANTS",
+    "build_official_model",
+    "guess_official_variant",
+    "official_preprocess",
+    "official_state_dict",
+    "official_to_ours",
+    "pick_state_dict",
+]
 
-
-def _read(path_or_state_dict: Any, *, trust_pickle: bool) -> tuple[Any, str]:
-    if isinstance(path_or_state_dict, dict):
-        return path_or_state_dict, "<official state dict>"
-    path = Path(path_or_state_dict)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        if trust_pickle:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            # timm's checkpoint saver (used by the official trainer) stores its argparse args
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        hint = "" if trust_pickle else (
-            " If the file is from a source you trust and holds other Python objects, pass "
-            "trust_pickle=True."
-        )
-        raise CheckpointError(
-            f"{path}: cannot be read as an official CondenseNetV2 checkpoint "
-            f"({type(e).__name__}: {first}).{hint}"
-        ) from None
-    return obj, str(path)
+OFFICIAL_VARIANTS = ("cdnv2_a", "cdnv2_b", "cdnv2_c")
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
-def _pick_state_dict(obj: Any, where: str, use_ema: bool) -> dict[str, torch.Tensor]:
+def pick_state_dict(obj: Any, where: str, use_ema: bool) -> dict[str, torch.Tensor]:
+    """The raw or EMA state dict of an official file's dict (or the bare state dict it is)."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{where}: expected a dict, found a {type(obj).__name__}")
     if "state_dict" in obj or "state_dict_ema" in obj:
@@ -156,19 +147,12 @@ def _official_name(key: str) -> str:
     return key
 
 
-def load_official_checkpoint(path_or_state_dict: str | os.PathLike | dict, model_name: str, *,
-                             use_ema: bool = False, trust_pickle: bool = False) -> nn.Module:
-    """Build ``model_name`` (cdnv2_a / cdnv2_b / cdnv2_c ...) from an official release file.
+def build_official_model(raw: dict[str, torch.Tensor], model_name: str, where: str) -> nn.Module:
+    """Our ``model_name`` (eval mode) holding an official state dict ``raw``.
 
     Unconverted files give our masked model, converted files our compact model; either
-    is returned in eval mode and computes what the official model computes.
-    ``path_or_state_dict``: a file, a dict with ``state_dict`` / ``state_dict_ema``, or
-    a bare state dict; ``module.`` prefixes are fine. ``use_ema`` picks ``state_dict_ema``.
+    computes what the official model computes. ``where`` names the source in errors.
     """
-    from .models import create_model
-
-    obj, where = _read(path_or_state_dict, trust_pickle=trust_pickle)
-    raw = _pick_state_dict(obj, where, use_ema)
     model = create_model(model_name)
     sd = official_to_ours(raw, model)
     restructure_for_state_dict(model, sd)
@@ -194,3 +178,49 @@ def load_official_checkpoint(path_or_state_dict: str | os.PathLike | dict, model
         )
     model.load_state_dict(sd, strict=True)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- detection
+def official_state_dict(obj: Any) -> Optional[dict]:
+    """The state dict of an official release file, or None if ``obj`` does not look like one."""
+    if not isinstance(obj, dict) or obj.get("format") == "cdnv2":
+        return None
+    sd = obj.get("state_dict", obj)
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) for k in sd):
+        return None
+    if not all(torch.is_tensor(v) for v in sd.values()):
+        return None
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in sd]
+    markers = ("features.init_conv.", "features.denseblock_", "._mask", "conv_1.index", "sfr.index")
+    if any(any(m in k for m in markers) for k in keys):
+        return sd
+    return None
+
+
+def guess_official_variant(state_dict: dict) -> Optional[str]:
+    """cdnv2_a / _b / _c from the number of dense layers per block in the keys."""
+    layers: dict[int, set[int]] = {}
+    for key in state_dict:
+        m = re.search(r"features\.denseblock_(\d+)\.denselayer_(\d+)\.", key)
+        if m:
+            layers.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if not layers:
+        return None
+    stages = tuple(len(layers[b]) for b in sorted(layers))
+    for name in OFFICIAL_VARIANTS:
+        with torch.device("meta"):  # the architecture only: no memory, no init cost
+            variant = create_model(name)
+        if tuple(variant.cfg.stages) == stages:
+            return name
+    return None
+
+
+def official_preprocess(model_name: str) -> dict:
+    """The official test script's eval transform (SPEC 8)."""
+    return {
+        "resize": 256,
+        "crop": 224,
+        "interpolation": "bilinear" if model_name == "cdnv2_c" else "bicubic",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
