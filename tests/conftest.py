@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-# Two cores: keep intra-op threads predictable so tests do not fight each other.
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One intra-op thread: on a small shared machine, OpenMP threads spinning against other
+# processes make the in-process training tests several times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

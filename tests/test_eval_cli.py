@@ -12,12 +12,12 @@ import cdnv2
 from cdnv2.cli import eval as eval_cli
 from cdnv2.compact.official import guess_official_variant
 from cdnv2.data import DataConfig
-from cdnv2.engine import TrainConfig, TrainerConfig, train
+from cdnv2.engine import TrainConfig, TrainerConfig, configure_runtime, train
 from cdnv2.errors import CheckpointError, ConfigError
 from cdnv2.export import ExportError, export_and_check, require_onnx
 from cdnv2.models import create_model
 
-from helpers import cli, load
+from helpers import cli, load, restored_process_state
 
 TINY_DATA = dict(num_train=384, num_val=128, batch_size=32)
 # The shapes data's own eval transform: what an official-layout file (which records none)
@@ -28,13 +28,13 @@ SHAPES_PREPROCESS = dict(image_size=32, eval_resize=None, interpolation="bilinea
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    threads = torch.get_num_threads()
     cfg = TrainConfig(data=DataConfig(**TINY_DATA))
     cfg.trainer = TrainerConfig(epochs=2, max_steps_per_epoch=4, parity_samples=8, progress="none",
                                 ema_decay=0.9, threads=1)
     path = tmp_path_factory.mktemp("eval_run")
-    train(cfg, path)
-    torch.set_num_threads(threads)
+    with restored_process_state():  # as cdnv2-train runs it: 1 thread, exact kernels
+        configure_runtime("cpu", deterministic=cfg.trainer.deterministic, threads=1, seed=cfg.seed)
+        train(cfg, path)
     return path
 
 

@@ -67,25 +67,6 @@ _REQUIRED = {
 
 
 # ============================================================================= writing
-_writes: dict[str, int] = {}
-
-
-def _crash_hook(path: Path, f) -> None:
-    # Test hook CDNV2_TEST_KILL_DURING_SAVE=<name>@<n>: SIGKILL this process half-way
-    # through its n-th write of checkpoint <name>, leaving a partial temporary file.
-    spec = os.environ.get("CDNV2_TEST_KILL_DURING_SAVE")
-    if not spec:
-        return
-    name, _, nth = spec.partition("@")
-    if path.name != name:
-        return
-    _writes[name] = _writes.get(name, 0) + 1
-    if _writes[name] == int(nth or 1):
-        f.flush()
-        f.truncate(max(1, f.tell() // 2))
-        os.kill(os.getpid(), 9)
-
-
 def atomic_save(obj: Any, path: str | Path, *, keep_previous_as: str | None = None) -> None:
     """Write ``obj`` to ``path`` atomically (temp file, fsync, rename).
 
@@ -98,7 +79,6 @@ def atomic_save(obj: Any, path: str | Path, *, keep_previous_as: str | None = No
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
-            _crash_hook(path, f)
             f.flush()
             os.fsync(f.fileno())
         if keep_previous_as and path.exists():

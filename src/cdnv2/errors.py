@@ -32,5 +32,14 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint file that is missing, truncated, foreign or does not fit the run."""
 
 
+class DataError(UserError):
+    """A problem with the data the user can fix (missing folder, unreadable image, bad
+    data config). The message is one paragraph meant to be printed as is."""
+
+
+class ScheduleError(UserError, ValueError):
+    """The model's masks do not agree with the condensation schedule (e.g. a resumed checkpoint)."""
+
+
 class ParityError(UserError, ValueError):
     """The compact model does not reproduce the masked model's outputs."""

@@ -77,7 +77,8 @@ class ValidateConfig(Callback):
         from .common import exit_user_error
 
         try:
-            user = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+            # callbacks: cdnv2-train's own key (cli/train.py), not part of the run's TrainConfig
+            user = OmegaConf.masked_copy(config, [k for k in config if k not in ("hydra", "callbacks")])
             cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), user))
             validate_config(cfg)
         except UserError as e:

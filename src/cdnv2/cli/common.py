@@ -1,4 +1,10 @@
-"""Shared CLI plumbing: override checks with close matches, clean error exits."""
+"""Shared CLI plumbing: config composition with clear errors, clean error exits.
+
+Every command composes its config twice: once here with Hydra's compose API, where a
+composition error (unknown key, wrong type, unknown ``group=option``) becomes one
+paragraph naming the key with its close matches and exit code 2 before any work; then
+by ``@hydra.main`` itself, which runs the job (and sweeps, launchers, callbacks).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -6,79 +12,138 @@ import difflib
 import logging
 import signal
 import sys
-import typing
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_module
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 
 OmegaConf.register_new_resolver("cdnv2_suffix", lambda name: f"-{name}" if name else "", replace=True)
 
-
-def _fields(schema: Any) -> dict[str, Any]:
-    hints = typing.get_type_hints(schema)
-    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+CONFIG_MODULE = "cdnv2.configs"
 
 
-def _dataclass_of(tp: Any) -> Any:
-    if dataclasses.is_dataclass(tp):
-        return tp
-    for arg in typing.get_args(tp):  # Optional[SomeConfig]
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
+def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose ``config_name`` with command-line ``overrides`` as the command would.
 
-
-def check_override_keys(argv: list[str], schema: Any, groups: set[str], prog: str) -> str | None:
-    """Return an error message for the first override whose key the schema lacks.
-
-    Hydra rejects such keys too, but without naming the close matches; this check runs
-    first so that ``trainer.epoch=3`` answers "did you mean trainer.epochs?".
+    Raises :class:`ConfigError` with one paragraph for any mistake, including keys the
+    typed schema does not know (also those added with ``+``).
     """
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key = arg.split("=", 1)[0].lstrip("+~")
-        if key.startswith("hydra.") or key == "hydra" or "@" in key or key in groups:
-            continue
-        node, path = schema, []
-        for part in key.split("."):
-            fields = _fields(node)
-            if part not in fields:
-                close = difflib.get_close_matches(part, list(fields), n=3, cutoff=0.6)
-                where = ".".join(path) or "the top level"
-                options = close or sorted(fields)
-                full = [".".join(path + [c]) for c in options]
-                hint = f"did you mean {', '.join(full)}?" if close else f"valid keys: {', '.join(full)}"
-                switch = (
-                    f" (groups you can switch with group=option: {', '.join(sorted(groups))})"
-                    if groups else ""
-                )
-                return (
-                    f"{prog}: error: unknown config key {key!r} in override {arg!r}: "
-                    f"{where} has no key {part!r}; {hint}{switch}"
-                )
-            path.append(part)
-            sub = _dataclass_of(fields[part])
-            if sub is None:
-                break
-            node = sub
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        try:
+            cfg = compose(config_name, overrides=overrides)
+        except MissingConfigException as e:
+            raise ConfigError(_missing_option(e)) from None
+        except OverrideParseException as e:
+            raise ConfigError(f"cannot parse the overrides {overrides}: {_flat(e)}") from None
+        except (HydraException, OmegaConfBaseException) as e:
+            cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+            raise ConfigError(_explain(config_name, cause, e)) from None
+    unknown = next(_unknown_keys(cfg), None)
+    if unknown is not None:
+        raise ConfigError(_unknown_key(cfg, unknown))
+    return cfg
+
+
+def _flat(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _missing_option(e: MissingConfigException) -> str:
+    group, _, name = (e.missing_cfg_file or "").rpartition("/")
+    options = sorted(e.options or [])
+    if not group or not options:
+        return _flat(e)
+    close = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(f'{group}={c}' for c in close)}? " if close else ""
+    return f"{group}={name}: no such option in group '{group}'; {hint}options: {', '.join(options)}"
+
+
+def _explain(config_name: str, cause: BaseException, outer: BaseException) -> str:
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, (AttributeError, KeyError)) and key:  # unknown key
+        return _unknown_key(_defaults(config_name), key)
+    message = str(cause).splitlines()[0] if str(cause) else _flat(outer)
+    return f"{key}: {message}" if key and key not in message else message
+
+
+def _defaults(config_name: str) -> DictConfig:
+    return compose(config_name, overrides=[])
+
+
+def _unknown_key(cfg: DictConfig, key: str) -> str:
+    parent, _, part = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = [str(k) for k in node.keys() if k != part] if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(part, keys, n=3, cutoff=0.6)
+    full = [f"{parent}.{k}" if parent else k for k in (close or keys)]
+    hint = f"did you mean {', '.join(full)}?" if close else f"valid keys: {', '.join(full)}"
+    return f"unknown config key {key!r}: {parent or 'the top level'} has no key {part!r}; {hint}"
+
+
+def _unknown_keys(node: Any, prefix: str = "") -> Iterator[str]:
+    """Full names of keys in ``node`` that its dataclass schema lacks (added with ``+``)."""
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    if known is None:  # a free-form dict (e.g. callbacks)
+        return
+    for key, value in node.items_ex(resolve=False):
+        if key not in known:
+            yield f"{prefix}{key}"
+        else:
+            yield from _unknown_keys(value, f"{prefix}{key}.")
+
+
+def check_command_line(config_name: str, argv: list[str]) -> Optional[str]:
+    """The first composition error of this command line, as one paragraph, or None.
+
+    A sweep (``-m key=a,b``) is checked value by value; ranges a sweeper samples
+    (``interval(...)``) are left to the sweeper.
+    """
+    from hydra._internal.utils import get_args_parser  # the parser @hydra.main itself uses
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion:
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    except OverrideParseException as e:
+        return f"cannot parse the overrides {args.overrides}: {_flat(e)}"
+    fixed, sweeps = [], []
+    for o in parsed:
+        if not o.is_sweep_override():
+            fixed.append(o.input_line)
+        elif o.is_discrete_sweep():
+            sweeps.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+    candidates = [fixed] if not sweeps else [
+        fixed + [s[0] for s in sweeps[:i]] + [v] + [s[0] for s in sweeps[i + 1:]]
+        for i, values in enumerate(sweeps) for v in values
+    ]
+    for overrides in candidates:
+        try:
+            compose_config(config_name, overrides)
+        except ConfigError as e:
+            return str(e)
     return None
 
 
-def make_main(prog: str, schema: Any, groups: set[str], config_name: str,
-              task: Callable[[Any], Any]) -> Callable[[], None]:
-    """The console entry point: check override keys (close matches), then run Hydra."""
+def make_main(prog: str, config_name: str, task: Callable[[Any], Any]) -> Callable[[], None]:
+    """The console entry point: check the composition (clear errors), then run Hydra."""
     import hydra
 
     hydra_main = hydra.main(version_base="1.3", config_path="../configs", config_name=config_name)(task)
 
     def main() -> None:
         setup_process()
-        error = check_override_keys(sys.argv[1:], schema, groups, prog)
+        error = check_command_line(config_name, sys.argv[1:])
         if error:
-            print(error, file=sys.stderr)
+            print(f"{prog}: error: {error}", file=sys.stderr)
             sys.exit(2)
         hydra_main()
 

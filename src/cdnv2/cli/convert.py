@@ -31,7 +31,7 @@ from ..export import ExportError, export_and_check, formats_for, require_onnx
 from ..flops import count_cost
 from ..tables import format_grid
 from .common import make_main, run_user_command
-from .eval import resolve_device
+from ..engine.runtime import resolve_device
 
 PROG = "cdnv2-convert"
 
@@ -198,7 +198,7 @@ def _run(cfg: DictConfig) -> None:
     run_user_command(PROG, lambda: run(convert_cfg), (DataError, CheckpointError))
 
 
-main = make_main(PROG, ConvertConfig, set(), "convert", _run)
+main = make_main(PROG, "convert", _run)
 
 
 if __name__ == "__main__":

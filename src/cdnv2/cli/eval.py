@@ -29,15 +29,15 @@ from ..benchmark import compare_costs, cost_rows, device_note
 from ..checkpoint import Loaded, open_checkpoint
 from ..compact import Structure, convert_model
 from ..condense import condensing_layers
-from ..data import DataConfig, DataError, build_data
+from ..data import DataConfig, build_data
 from ..engine.logger import Progress
-from ..errors import CheckpointError, ConfigError
+from ..engine.runtime import configure_runtime, deterministic_mode, resolve_device
+from ..errors import ConfigError
 from ..evaluate import evaluate
 from .common import make_main, run_user_command
 from ..tables import format_grid, format_table
 
 PROG = "cdnv2-eval"
-GROUPS = {"data"}
 PREPROCESS_KEYS = ("image_size", "eval_resize", "interpolation", "mean", "std")
 _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,6 +58,7 @@ class EvalConfig:
     amp: Optional[str] = None  # none | bf16 | fp16; None: as trained
     channels_last: Optional[bool] = None  # None: as trained
     threads: Optional[int] = None  # CPU threads; None: as trained, else torch's default
+    deterministic: str = "auto"  # auto (exact on CPU, fast on CUDA) | true | false
     progress: str = "auto"  # auto | bar | lines | none
     cost: bool = False  # add the cost report
     cost_batch: int = 32  # throughput batch
@@ -68,16 +69,6 @@ ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 
 
 # ----------------------------------------------------------------------------- pieces
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available; use device=cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ConfigError(f"device={name!r}: use auto, cpu, cuda or cuda:N")
-    return torch.device(name)
-
-
 def _known_fields(d: dict) -> dict:
     names = {f.name for f in dataclasses.fields(DataConfig)}
     unknown = sorted(set(d) - names)
@@ -137,12 +128,11 @@ def _eval_settings(cfg: EvalConfig, loaded: Loaded, device: torch.device) -> tup
     return (_AMP[amp] if device.type == "cuda" else None), channels_last
 
 
-def _set_threads(cfg: EvalConfig, loaded: Optional[Loaded]) -> None:
-    threads = cfg.threads or (loaded.trainer.get("threads") if loaded else None)
-    if threads:
-        torch.set_num_threads(int(threads))
-    if loaded and loaded.trainer.get("deterministic"):
-        torch.use_deterministic_algorithms(True, warn_only=True)  # as the trainer evaluated
+def configure_for(cfg: EvalConfig, loaded: Loaded) -> str:
+    """The command's process-wide settings: ``threads`` (default: as trained), kernels."""
+    threads = cfg.threads or loaded.trainer.get("threads")
+    return configure_runtime(cfg.device, deterministic=cfg.deterministic,
+                             threads=int(threads) if threads else None)
 
 
 def eval_json_path(cfg_out: Optional[str], checkpoint: Path) -> Path:
@@ -204,12 +194,8 @@ def cost_section(loaded: Loaded, device: torch.device, batch: int, seconds: floa
 
 
 # ----------------------------------------------------------------------------- the command
-def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Optional[dict] = None) -> dict:
-    """Evaluate ``cfg.checkpoint``; write eval.json; return its contents. No Hydra needed.
-
-    ``data`` replaces the recorded data config, ``data_overrides`` ({key: value}) change
-    single keys of it (see :func:`resolve_data_config`); ``cfg.data`` is not read.
-    """
+def load(cfg: EvalConfig) -> Loaded:
+    """Check the options and read ``cfg.checkpoint``."""
     if not cfg.checkpoint:
         raise ConfigError(
             "checkpoint=PATH is required: a training checkpoint (runs/<run>/checkpoints/last.pt), a "
@@ -217,8 +203,20 @@ def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Opti
         )
     if cfg.cost_batch < 1 or cfg.bench_seconds < 0:
         raise ConfigError(f"cost_batch={cfg.cost_batch} must be >= 1 and bench_seconds={cfg.bench_seconds} >= 0")
-    loaded = open_checkpoint(cfg.checkpoint, weights=cfg.weights, official_name=cfg.official)
-    _set_threads(cfg, loaded)
+    deterministic_mode(cfg.deterministic)  # a bad value fails before the file is read
+    resolve_device(cfg.device)
+    return open_checkpoint(cfg.checkpoint, weights=cfg.weights, official_name=cfg.official)
+
+
+def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Optional[dict] = None,
+        loaded: Optional[Loaded] = None) -> dict:
+    """Evaluate ``cfg.checkpoint`` (or the already ``loaded`` one); write eval.json; return its
+    contents. No Hydra needed, and no process-wide settings changed (see :func:`configure_for`).
+
+    ``data`` replaces the recorded data config, ``data_overrides`` ({key: value}) change
+    single keys of it (see :func:`resolve_data_config`); ``cfg.data`` is not read.
+    """
+    loaded = loaded if loaded is not None else load(cfg)
     device = resolve_device(cfg.device)
     data_cfg, source = resolve_data_config(loaded, data, data_overrides)
     seed = cfg.seed if cfg.seed is not None else (loaded.seed if loaded.seed is not None else 0)
@@ -315,10 +313,16 @@ def data_arguments(cfg: EvalConfig) -> tuple[Optional[DataConfig], dict]:
 
 def _run(cfg: DictConfig) -> None:
     eval_cfg: EvalConfig = OmegaConf.to_object(cfg)
-    run_user_command(PROG, lambda: run(eval_cfg, *data_arguments(eval_cfg)), (DataError, CheckpointError))
+
+    def go():
+        loaded = load(eval_cfg)
+        configure_for(eval_cfg, loaded)
+        return run(eval_cfg, *data_arguments(eval_cfg), loaded=loaded)
+
+    run_user_command(PROG, go)
 
 
-main = make_main(PROG, EvalConfig, GROUPS, "eval", _run)
+main = make_main(PROG, "eval", _run)
 
 
 if __name__ == "__main__":

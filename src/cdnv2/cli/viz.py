@@ -96,7 +96,7 @@ def _run(cfg: DictConfig) -> None:
     run_user_command(PROG, lambda: run(viz_cfg), (VizError, CheckpointError))
 
 
-main = make_main(PROG, VizConfig, set(), "viz", _run)
+main = make_main(PROG, "viz", _run)
 
 
 if __name__ == "__main__":

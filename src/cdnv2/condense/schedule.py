@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import ScheduleError
 from ..layers import CondensingConv1x1, LearnedLinear, SparseFeatureReactivation
 
 
@@ -37,8 +38,6 @@ class CondenseConfig:
     restart: bool = False  # with init=PATH: reset the file's masks to dense, keep its weights
 
 
-class ScheduleError(ValueError):
-    """The model's masks do not agree with the schedule (e.g. a resumed checkpoint)."""
 
 
 def layer_kind(m: nn.Module) -> str:

@@ -6,17 +6,11 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from ..errors import UserError
+from ..errors import DataError  # noqa: F401  (re-exported: cdnv2.data.DataError)
 
 DATASETS = ("shapes", "cifar10", "cifar100", "imagenet", "imagefolder")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 ON_CORRUPT = ("raise", "skip")
-
-
-class DataError(UserError):
-    """A problem with the data the user can fix (missing folder, unreadable image, bad
-    data config). The message is one paragraph meant to be printed as is, without a
-    traceback."""
 
 
 @dataclass

@@ -95,8 +95,8 @@ class TrainerConfig:
     max_bad_steps: int = 10  # with nan_policy=skip: give up after this many
     parity_samples: int = 16  # validation images used for the compact parity check
     max_steps_per_epoch: Optional[int] = None  # cap steps (smoke tests)
-    deterministic: bool = True  # deterministic kernels (exact resume)
-    threads: Optional[int] = None  # torch intra-op threads; None: torch's default
+    deterministic: str = "auto"  # auto (exact on CPU, fast on CUDA) | true | false; set by the CLI
+    threads: Optional[int] = None  # torch intra-op threads, set by the CLI; None: torch's default
     freeze_epochs: int = 0  # first epochs train only the classifier (backbone lr 0)
 
 
@@ -120,15 +120,3 @@ class TrainConfig:
 def config_to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
-
-def config_from_dict(d: dict) -> TrainConfig:
-    """Rebuild a TrainConfig from :func:`config_to_dict` output (e.g. a checkpoint)."""
-    sections = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    kwargs = {}
-    for key, value in d.items():
-        f = sections[key]
-        if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
-            kwargs[key] = f.default_factory().__class__(**value)
-        else:
-            kwargs[key] = value
-    return TrainConfig(**kwargs)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.distributed
@@ -31,47 +31,38 @@ from ..flops import count_cost
 from ..models import create_model
 from .. import checkpoint as ckpt
 from ..tables import format_table
+from .callbacks import Callback
 from .config import AMP_MODES, TrainConfig, config_to_dict
 from .init_from import init_model
-from .distributed import DistInfo, all_reduce_sum, any_rank, cleanup, init_distributed
+from .distributed import all_reduce_sum, any_rank, cleanup, init_distributed
 from .logger import MetricLogger, Progress, log
 from .optim import build_optimizer, lr_at, resolve_lr, set_lr
+from .runtime import resolve_device
 from .validation import validate_config
 
 _AMP = dict(zip(AMP_MODES, (None, torch.bfloat16, torch.float16)))
 
 
-def resolve_device(name: str, dist: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.device={name!r} but CUDA is not available; use trainer.device=cpu")
-        if name == "cuda":
-            name = f"cuda:{dist.local_rank}"
-        torch.cuda.set_device(torch.device(name))
-    elif name != "cpu":
-        raise ConfigError(f"trainer.device={name!r}: use auto, cpu, cuda or cuda:N")
-    return torch.device(name)
-
-
 class Trainer:
-    """Owns the model, optimizer, EMA, condensation schedule and run directory."""
+    """Owns the model, optimizer, EMA, condensation schedule and run directory.
 
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path):
+    Process-wide settings (threads, seeds, deterministic kernels) are the caller's:
+    the CLI sets them with :func:`cdnv2.engine.runtime.configure_runtime`.
+    ``callbacks`` (:class:`cdnv2.engine.callbacks.Callback`) run at fixed points of the loop.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, callbacks: Iterable[Callback] = ()):
         validate_config(cfg)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        if cfg.trainer.threads:
-            torch.set_num_threads(cfg.trainer.threads)
+        self.callbacks = list(callbacks)
         probe = "cuda" if cfg.trainer.device.startswith("cuda") or (
             cfg.trainer.device == "auto" and torch.cuda.is_available()
         ) else "cpu"
         self.dist = init_distributed(probe)
-        self.device = resolve_device(cfg.trainer.device, self.dist)
-        if cfg.trainer.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
+        self.device = resolve_device(cfg.trainer.device, self.dist.local_rank, key="trainer.device")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # this rank's GPU (NCCL and DDP use the current device)
         self.is_main = self.dist.is_main
         self.ckpt_dir = self.run_dir / "checkpoints"
         if self.is_main:
@@ -93,11 +84,13 @@ class Trainer:
         self.peak_lr = resolve_lr(cfg.optim, cfg.data.batch_size)
         self.warmup_steps = round(cfg.sched.warmup_epochs * self.steps_per_epoch)
 
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        try:
-            self.model = create_model(cfg.model.name, num_classes=self.data.num_classes, **cfg.model.overrides())
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"model {cfg.model.name!r}: {e}") from None
+        # Identical initial weights on every rank, from a forked RNG: the caller's is left alone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            try:
+                self.model = create_model(cfg.model.name, num_classes=self.data.num_classes, **cfg.model.overrides())
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"model {cfg.model.name!r}: {e}") from None
         self.init_report = self._init_weights() if cfg.init else None
         self.model.to(self.device)
         if cfg.trainer.channels_last:
@@ -319,6 +312,7 @@ class Trainer:
         except ValueError:  # not the main thread (e.g. a test harness): no handlers
             old = {}
         try:
+            self._callback("on_fit_start")
             if self.structure is Structure.MASKED and self.condenser.step(self.step) and self.is_main:
                 log.info("applied condensation stages due at step %d", self.step)
             if self._compact_training_due():
@@ -349,13 +343,12 @@ class Trainer:
             seen += images.shape[0]
             self.batch_in_epoch += 1
             self.after_step()
+            self._callback("on_step_end")
             if loss is not None and (self.step % self.cfg.trainer.log_every == 0 or self.step == 1):
                 elapsed = time.perf_counter() - tick
                 self._log_train(loss, seen * self.dist.world_size / max(elapsed, 1e-9))
                 tick, seen = time.perf_counter(), 0
             bar.update(1, loss=f"{loss:.3f}" if loss is not None else "skip")
-            if os.environ.get("CDNV2_TEST_STEP_SLEEP"):  # test hook: slow steps for signal tests
-                time.sleep(float(os.environ["CDNV2_TEST_STEP_SLEEP"]))
             if time.monotonic() - last_save > 60 * self.cfg.trainer.checkpoint_minutes:
                 self.save()
                 last_save = time.monotonic()
@@ -376,8 +369,6 @@ class Trainer:
         with ctx:
             logits = self.train_model(images)
         loss = F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
-        if os.environ.get("CDNV2_TEST_NAN_AT_STEP") == str(self.step + 1):
-            loss = loss * float("nan")  # test hook: a non-finite loss at this step
         if self.condenser.lasso_active(self.step) and self.structure is Structure.MASKED:
             loss = loss + self.condenser.lasso_penalty()
         return loss
@@ -449,12 +440,15 @@ class Trainer:
                 self.save(f"condense-step{self.step:07d}.pt")
         if self._compact_training_due():
             self._swap_to_compact_training()
-        _test_kill_hook(self.step, self.dist)
 
     def _check_stop(self) -> None:
         if any_rank(self._stop_signal is not None, self.dist, self.device):
             path = self.save()
             raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, str(path) if path else None)
+
+    def _callback(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
 
     def _epoch_float(self) -> float:
         return self.epoch + self.batch_in_epoch / self.steps_per_epoch
@@ -501,6 +495,7 @@ class Trainer:
         if fully_condensed and result.top1 > self.best_top1:
             self.best_top1 = result.top1
             self.save("best.pt")
+        self._callback("on_epoch_end")
 
     # ------------------------------------------------------------------ the end
     def finalize(self) -> dict:
@@ -536,6 +531,7 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             print(summary_table(report), flush=True)
+        self._callback("on_fit_end", report)
         cleanup(self.dist)
         return report
 
@@ -612,28 +608,8 @@ def _as_random_state(state):
     return (version, tuple(internal), gauss)
 
 
-def _test_kill_hook(step: int, dist: DistInfo) -> None:
-    """Test hook: SIGKILL this process after step N (CDNV2_TEST_KILL_AT_STEP).
-
-    With CDNV2_TEST_KILL_RANK only that rank dies; with CDNV2_TEST_KILL_ONCE=<file> it
-    dies only if the file does not exist yet (and creates it), so a restart survives.
-    """
-    at = os.environ.get("CDNV2_TEST_KILL_AT_STEP")
-    if not at or int(at) != step:
-        return
-    rank = os.environ.get("CDNV2_TEST_KILL_RANK")
-    if rank is not None and int(rank) != dist.rank:
-        return
-    once = os.environ.get("CDNV2_TEST_KILL_ONCE")
-    if once:
-        if Path(once).exists():
-            return
-        Path(once).touch()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
+def train(cfg: TrainConfig, run_dir: str | Path, callbacks: Iterable[Callback] = ()) -> dict:
     """Run (or resume) a whole training run in ``run_dir``; returns the report dict."""
     validate_config(cfg)  # before the run directory is made
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, run_dir).fit()
+    return Trainer(cfg, run_dir, callbacks).fit()

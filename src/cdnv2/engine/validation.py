@@ -40,6 +40,7 @@ from .config import (
 )
 from .init_from import check_init_config
 from .optim import resolve_lr
+from .runtime import MODES as DETERMINISTIC_MODES
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -213,6 +214,8 @@ _RULES: tuple = (
     _Range("trainer.freeze_epochs", lambda v: v >= 0, ">= 0 (epochs that train only the classifier; "
            "0: none)", 1),
     _Range("trainer.threads", lambda v: v >= 1, ">= 1 (null: torch's default)", 4, optional=True),
+    _Range("trainer.deterministic", lambda v: v.strip().lower() in DETERMINISTIC_MODES,
+           "auto (exact on CPU, fast on CUDA), true or false", "auto"),
     _Range("seed", lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
     _Range("name", lambda v: bool(_NAME.fullmatch(v)) and v.strip() not in ("", ".", ".."),
            "a non-empty suffix of the run folder's name without '/' (e.g. lr0.2)", "lr0.2", optional=True),

@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import torch
 
-# Up to this many pixels per image, an LGC's kept inputs are gathered group-major (all
-# images of a group's channels side by side) and each group is ONE GEMM over all images;
-# above it, one GEMM per image and group. Measured on a 2-core x86 CPU (docs/convert.md,
-# "Better kernels"): 28x28 and smaller favour group-major.
+# Group-major: an LGC's kept inputs are gathered with all images of a group's channels
+# side by side, and each group is ONE GEMM over all images; batch-major: one GEMM per
+# image and group. Both rules were measured on a 2-core x86 CPU (docs/convert.md): the
+# no-grad inference path favours group-major up to 28x28; the training form (forward +
+# backward, whose index_add backward follows the gather layout) favours per-image GEMMs
+# from 14x14 to 56x56 and group-major for the smallest and the largest maps.
 GROUP_MAJOR_MAX_PIXELS = 28 * 28
+TRAIN_BATCH_MAJOR_PIXELS = (14 * 14, 56 * 56)
 
 
-def group_major(pixels: int) -> bool:
+def group_major(pixels: int, *, training: bool = False) -> bool:
     """Whether an LGC over images of ``pixels`` pixels gathers group-major."""
+    if training:
+        lo, hi = TRAIN_BATCH_MAJOR_PIXELS
+        return not lo <= pixels <= hi
     return pixels <= GROUP_MAJOR_MAX_PIXELS
 
 
@@ -61,12 +67,12 @@ def lgc_gemm(a: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, groups:
     """Gather the kept inputs ``index`` of ``a`` and run the grouped 1x1 conv, shuffled.
 
     (B, C, H, W) -> (B, O, H, W) with output ``d * G + g`` in interleaved order; the
-    gather layout follows :func:`group_major`.
+    gather layout follows the training rule of :func:`group_major`.
     """
     b, c, hgt, wid = a.shape
     hw, o, m = hgt * wid, weight.shape[0], weight.shape[1]
     w = weight.reshape(groups, o // groups, m)
-    if not group_major(hw):
+    if not group_major(hw, training=True):
         sel = a.reshape(b * c, hw).index_select(0, batch_major_rows(index, b, c))
         y = torch.matmul(w, sel.view(b, groups, m, hw))  # (B, G, O/G, HW)
         return y.transpose(1, 2).reshape(b, o, hgt, wid)
