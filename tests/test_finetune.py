@@ -95,8 +95,9 @@ def _finetune_cfg(root, init=None, kind="small", **trainer) -> TrainConfig:
 
 
 @pytest.mark.parametrize("kind", ["small", pytest.param("quickstart", marks=pytest.mark.slow)])
-def test_finetune_beats_training_from_scratch(kind, source, folder5, tmp_path):
-    run, src_report = source if kind == "small" else _train_source(kind, tmp_path / "source")
+def test_finetune_beats_training_from_scratch(kind, folder5, tmp_path, request):
+    # The small source is the module's shared fixture; the quickstart one is trained here only.
+    run, src_report = request.getfixturevalue("source") if kind == "small" else _train_source(kind, tmp_path / "source")
     assert src_report["compact"]["top1"] > 50  # the source learned something to transfer
     artifact = run / "model_compact.pt"
     tuned = train(_finetune_cfg(folder5, init=artifact, kind=kind), tmp_path / "tuned")
