@@ -14,7 +14,6 @@ from cdnv2.compact.official import guess_official_variant
 from cdnv2.data import DataConfig
 from cdnv2.engine import TrainConfig, TrainerConfig, configure_runtime, train
 from cdnv2.errors import CheckpointError, ConfigError
-from cdnv2.export import ExportError, export_and_check, require_onnx
 from cdnv2.models import create_model
 
 from helpers import cli, load, restored_process_state
@@ -201,26 +200,6 @@ def test_convert_command_and_torchscript_round_trip(run_dir, tmp_path):
     trainer_artifact = load(run_dir / "model_compact.pt")["model_state"]
     for key, value in artifact["model_state"].items():
         assert torch.allclose(value.float(), trainer_artifact[key].float(), atol=1e-6), key
-
-
-def test_onnx_export_matches_pytorch(run_dir, tmp_path):
-    pytest.importorskip("onnxruntime", reason="ONNX export needs the cdnv2[export] extra (onnxruntime)")
-    pytest.importorskip("onnxscript", reason="ONNX export needs the cdnv2[export] extra (onnxscript)")
-    compact = cdnv2.load_model(run_dir / "model_compact.pt")
-    checks = export_and_check(compact, ["onnx"], tmp_path / "tiny", (3, 32, 32))
-    (c,) = checks
-    assert c.ok and c.max_abs_diff < 1e-4 and c.batch_sizes == [1, 3]
-    # grouped convs, shuffles and the SFR scatter-add are plain ONNX operators
-    assert "Conv" in c.op_types and "ScatterND" in c.op_types
-    assert all("::" not in op and not op.lower().startswith("aten") for op in c.op_types)
-
-
-def test_onnx_without_the_extra_names_the_install_command(monkeypatch):
-    import cdnv2.export as export_mod
-
-    monkeypatch.setattr(export_mod, "missing_onnx_packages", lambda: ["onnxruntime"])
-    with pytest.raises(ExportError, match=r"pip install 'cdnv2\[export\]'"):
-        require_onnx()
 
 
 # ----------------------------------------------------------------------------- errors

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,53 +11,89 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-COLUMNS = ["job", "overrides", "top1", "compact_top1", "parity_max_abs_diff", "paper_mflops", "paper_mparams", "train_seconds"]
+from .sweeps import SWEEP_EXIT_CODE, read_record
+
+COLUMNS = [
+    "job", "status", "exit_code", "top1", "compact_top1", "paper_mflops", "paper_mparams",
+    "compact_latency_ms", "parity_max_abs_diff", "train_seconds", "reason", "overrides",
+]
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+    return sorted(dirs, key=lambda p: (len(p.name), p.name))
+
+
+def job_row(job: Path) -> dict:
+    """One summary row: how the job ended (job.json) and what it measured (report.json)."""
+    overrides_path = job / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.load(overrides_path) if overrides_path.exists() else []
+    record = read_record(job) or {}
+    report_path = job / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else None
+    status = record.get("status") or ("finished" if report else "died")
+    if status == "running":  # the sweep is over: the process never wrote how it ended
+        status = "died"
+    row = {
+        "job": job.name, "status": status, "exit_code": record.get("exit_code", 0 if report else ""),
+        "reason": record.get("reason") or ("no exit recorded (killed?)" if status == "died" else ""),
+        "overrides": " ".join(o for o in overrides if not o.startswith("sweep_name=")),
+    }
+    if report and status == "finished":
+        c = report.get("compact") or {}
+        latency = record.get("compact_latency_ms")
+        row.update(
+            top1=round(report["top1"], 2),
+            compact_top1=round(c["top1"], 2) if c else "",
+            paper_mflops=round(report["flops"]["paper"] / 1e6, 2),
+            paper_mparams=round(report["params"]["paper"] / 1e6, 3),
+            compact_latency_ms=latency if latency is not None else "",
+            parity_max_abs_diff=f"{c['parity_max_abs_diff']:.1e}" if c else "",
+            train_seconds=report["train_seconds"],
+        )
+    return row
 
 
 def collect_sweep(sweep_dir: Path) -> list[dict]:
-    """One row per job folder of a sweep that wrote a report.json."""
-    rows = []
-    for job in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name)):
-        report_path = job / "report.json"
-        overrides_path = job / ".hydra" / "overrides.yaml"
-        overrides = OmegaConf.load(overrides_path) if overrides_path.exists() else []
-        row = {"job": job.name, "overrides": " ".join(overrides)}
-        if report_path.exists():
-            r = json.loads(report_path.read_text())
-            c = r.get("compact") or {}
-            row.update(
-                top1=round(r["top1"], 2),
-                compact_top1=round(c["top1"], 2) if c else "",
-                parity_max_abs_diff=f"{c['parity_max_abs_diff']:.1e}" if c else "",
-                paper_mflops=round(r["flops"]["paper"] / 1e6, 2),
-                paper_mparams=round(r["params"]["paper"] / 1e6, 3),
-                train_seconds=r["train_seconds"],
-            )
-        else:
-            row["top1"] = "failed"
-        rows.append(row)
-    return rows
+    """One row per job folder of a sweep, finished or not."""
+    return [job_row(job) for job in _job_dirs(sweep_dir)]
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+def markdown(rows: list[dict], columns: list[str] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")).replace("|", "/") for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
+def write_table(rows: list[dict], columns: list[str], stem: Path) -> str:
+    """``<stem>.csv`` and ``<stem>.md``; returns the Markdown table."""
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown(rows, columns)
+    stem.with_suffix(".md").write_text(table + "\n")
+    return table
+
+
 class SweepSummary(Callback):
+    """summary.csv / summary.md over every job; the exit code says whether all finished."""
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
         rows = collect_sweep(sweep_dir)
-        with open(sweep_dir / "summary.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        table = markdown(rows)
-        (sweep_dir / "summary.md").write_text(table + "\n")
+        table = write_table(rows, COLUMNS, sweep_dir / "summary")
         print(f"\nsweep summary ({sweep_dir / 'summary.csv'}):\n{table}", flush=True)
+        unfinished = [r["job"] for r in rows if r["status"] != "finished"]
+        if unfinished:
+            print(
+                f"cdnv2-train: {len(unfinished)} of {len(rows)} jobs did not finish (jobs "
+                f"{', '.join(unfinished)}; see {sweep_dir / 'summary.md'}); re-run the same command "
+                "to retry them (finished jobs are skipped)", file=sys.stderr, flush=True,
+            )
+            sys.exit(SWEEP_EXIT_CODE)
 
 
 class ValidateConfig(Callback):

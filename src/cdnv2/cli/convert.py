@@ -6,8 +6,11 @@
 
 The compact model must reproduce the masked model's outputs (parity on random images;
 the command fails otherwise). The before/after table shows paper-rule and executed
-FLOPs, parameters, file size and timings. ``export=torchscript|onnx|all`` writes
-``<artifact>.torchscript.pt`` / ``<artifact>.onnx`` and checks each against PyTorch.
+FLOPs, parameters, file size and timings. ``export=torchscript|onnx|openvino|all`` writes
+``<artifact>.torchscript.pt`` / ``<artifact>.onnx`` / ``<artifact>.xml`` (the ONNX and
+OpenVINO files in the runtime-friendly deployment form, docs/deploy.md) and checks each
+against PyTorch. ``quantize=int8`` adds ``<artifact>.int8.onnx`` / ``<artifact>.int8.xml``,
+calibrated on training images of the artifact's data config, with an fp32 vs int8 table.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ from ..checkpoint import Loaded, open_checkpoint, save_compact
 from ..compact import Structure, check_parity, convert_model
 from ..condense import condensing_layers
 from ..data import DataError
+from ..deploy import ExportError, export_and_check, formats_for, require
+from ..deploy.quantize import QUANTIZE
 from ..errors import CheckpointError, ConfigError
-from ..export import ExportError, export_and_check, formats_for, require_onnx
 from ..flops import count_cost
 from ..tables import format_grid
 from .common import make_main, run_user_command
@@ -44,7 +48,9 @@ class ConvertConfig:
     official: Optional[str] = None  # official file: its variant; None: detected from the keys
     weights: str = "auto"  # auto | ema | raw
     out: Optional[str] = None  # artifact path; None: <checkpoint>_compact.pt beside it
-    export: str = "none"  # none | torchscript | onnx | all
+    export: str = "none"  # none | torchscript | onnx | openvino | all
+    quantize: str = "none"  # none | int8: int8 copies of the exported ONNX / OpenVINO files
+    calib_images: int = 300  # training images that calibrate the int8 ranges
     parity_samples: int = 8  # random images of the parity check
     bench: bool = True  # time both forms
     cost_batch: int = 32  # throughput batch
@@ -95,13 +101,17 @@ def run(cfg: ConvertConfig) -> dict:
     if cfg.parity_samples < 1 or cfg.cost_batch < 1:
         raise ConfigError(f"parity_samples={cfg.parity_samples} and cost_batch={cfg.cost_batch} must be >= 1")
     formats = formats_for(cfg.export)
-    if "onnx" in formats:
-        require_onnx()  # before any work
+    require([f for f in formats if f in ("onnx", "openvino")])  # before any work
+    _check_quantize(cfg, formats)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     loaded = open_checkpoint(cfg.checkpoint, weights=cfg.weights, official_name=cfg.official)
     size = loaded.input_size
+    if cfg.quantize == "int8":
+        from .eval import resolve_data_config
+
+        resolve_data_config(loaded)  # calibration needs the recorded data config: fail before any work
     summary: dict[str, Any] = {"checkpoint": str(loaded.path), "model": loaded.model_name, "kind": loaded.kind}
 
     if loaded.structure is Structure.COMPACT:
@@ -148,7 +158,8 @@ def run(cfg: ConvertConfig) -> dict:
 
     if formats:
         stem = out.with_suffix("") if out.suffix == ".pt" else out
-        checks = export_and_check(compact, formats, stem, size)
+        checks = export_and_check(compact, formats, stem, size, class_names=loaded.class_names,
+                                  preprocess=loaded.preprocess)
         summary["exports"] = [c.as_dict() for c in checks]
         print(export_table(checks), flush=True)
         bad = [c for c in checks if not c.ok]
@@ -157,7 +168,64 @@ def run(cfg: ConvertConfig) -> dict:
                 "exported file(s) do not match the PyTorch model: "
                 + "; ".join(f"{c.path}: max |diff| {c.max_abs_diff:.3g} at scale {c.output_scale:.3g}" for c in bad)
             )
+        if cfg.quantize == "int8":
+            results = quantize_exports(checks, compact, loaded, cfg)
+            summary["int8"] = [r.as_dict() for r in results]
+            print(int8_table(results, loaded), flush=True)
     return summary
+
+
+def _check_quantize(cfg: ConvertConfig, formats: list[str]) -> None:
+    if cfg.quantize not in QUANTIZE:
+        raise ConfigError(f"quantize={cfg.quantize!r}: use one of {', '.join(QUANTIZE)}")
+    if cfg.quantize == "none":
+        return
+    if not {"onnx", "openvino"} & set(formats):
+        raise ConfigError(f"quantize={cfg.quantize} quantizes the exported files: add export=onnx, "
+                          f"export=openvino or export=all (got export={cfg.export})")
+    if cfg.calib_images < 1:
+        raise ConfigError(f"calib_images={cfg.calib_images} must be >= 1")
+    if "openvino" in formats:
+        require(["openvino"])
+    import importlib.util
+
+    if "openvino" in formats and importlib.util.find_spec("nncf") is None:
+        raise ExportError("quantize=int8 of the OpenVINO file needs nncf (not installed): pip install 'cdnv2[export]'")
+
+
+def quantize_exports(checks, compact, loaded: Loaded, cfg: ConvertConfig) -> list:
+    """int8 copies of the exported ONNX / OpenVINO files, calibrated on the run's training images."""
+    from ..data import build_data
+    from ..deploy.quantize import calibration_images, compare_int8, top1, val_batches
+    from .eval import resolve_data_config
+
+    data_cfg, _ = resolve_data_config(loaded)
+    data = build_data(data_cfg, seed=loaded.seed or 0)
+    calib = calibration_images(data, cfg.calib_images)
+    val = val_batches(data)
+    with torch.no_grad():
+        torch_top1 = top1(lambda x: compact(torch.from_numpy(x)).numpy(), val)
+    results = []
+    for c in checks:
+        if c.format in ("onnx", "openvino"):
+            r = compare_int8(c.format, c.path, calib, val, batch=cfg.cost_batch)
+            r.pytorch_top1 = torch_top1
+            results.append(r)
+    return results
+
+
+def int8_table(results, loaded: Loaded) -> str:
+    rows = [
+        [r.format, r.path, f"{r.pytorch_top1:.2f}", f"{r.fp32_top1:.2f}", f"{r.int8_top1:.2f}",
+         f"{r.int8_top1 - r.fp32_top1:+.2f}", f"{r.fp32_ms:.1f}", f"{r.int8_ms:.1f}", f"{r.speedup:.2f}x"]
+        for r in results
+    ]
+    n = results[0].val_images if results else 0
+    return format_grid(
+        ["runtime", "int8 file", "PyTorch top-1", "fp32 top-1", "int8 top-1", "delta", f"fp32 ms/{results[0].batch}",
+         f"int8 ms/{results[0].batch}", "speed-up"], rows,
+        f"int8 vs fp32 ({n} val images of {loaded.model_name}'s data; ms per batch, same runtime)",
+    )
 
 
 def before_after_table(loaded: Loaded, masked, compact, out: Path, parity, cfg: ConvertConfig,
@@ -190,6 +258,8 @@ def export_table(checks) -> str:
     for c in checks:
         if c.op_types:
             table += f"\nONNX operators: {json.dumps(c.op_types)}"
+        if c.metadata.get("cdnv2.deploy.summary"):
+            table += f"\n{c.format} graph (for {c.metadata['cdnv2.deploy.runtime']}): {c.metadata['cdnv2.deploy.summary']}"
     return table
 
 

@@ -115,6 +115,7 @@ class TrainConfig:
     init: Optional[str] = None  # start from these weights (any cdnv2 or official file); not a resume
     init_weights: str = "ema"  # ema (when the file has them) | raw
     name: Optional[str] = None  # optional suffix of the run directory
+    sweep_name: Optional[str] = None  # multirun folder (CLI only); None: from the overrides
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

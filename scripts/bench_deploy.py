@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""Speed of the deployed CondenseNetV2 in ONNX Runtime and OpenVINO (CPU), next to its peers.
+
+For each variant: the compact model, the masked (uncondensed, dense masked convs) model
+and the FLOPs-equal torchvision peer, in PyTorch eager, ONNX Runtime and OpenVINO, at
+each batch size; ms per batch (224x224, fp32), the median (min) of --repeats runs timed
+round-robin over all models and runtimes of that batch (load from other processes hits
+all alike), and the ratios from the same run. ``--int8`` adds the statically quantized
+compact model (random calibration images: speed only; accuracy is cdnv2-convert's table).
+
+    python scripts/bench_deploy.py --variants cdnv2_b                 # one variant (minutes)
+    python scripts/bench_deploy.py --variants cdnv2_b --forms dense grouped auto --batch 32
+    python scripts/bench_deploy.py --variants cdnv2_b --profile       # per-op profiles too
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+import cdnv2
+from cdnv2.deploy import export_onnx
+from cdnv2.deploy.runtime import openvino_op_profile, openvino_session, ort_session
+
+PEERS = {"cdnv2_a": "shufflenet_v2_x0_5", "cdnv2_b": "shufflenet_v2_x1_0", "cdnv2_c": "mobilenet_v2"}
+RUNTIMES = ("eager", "ort", "ov")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=["cdnv2_b"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="threads of every runtime (default: each one's own)")
+    p.add_argument("--forms", nargs="+", default=["auto"], help="LGC forms of the compact export: auto dense grouped")
+    p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
+    p.add_argument("--int8", action="store_true", help="add int8 rows (OpenVINO/NNCF and ORT, random calibration)")
+    p.add_argument("--profile", action="store_true", help="print per-op profiles of the compact/masked files")
+    return p.parse_args(argv)
+
+
+def condensed(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return cdnv2.condense_fully(cdnv2.create_model(name)).eval()
+
+
+def plain_onnx(model: torch.nn.Module, path: Path, size: int) -> Path:
+    """What a user gets from torch.onnx.export of a model as it is (masked model, peers)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.randn(2, 3, size, size),), str(path), dynamo=False,
+                          input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}}, opset_version=17)
+    return path
+
+
+def build_files(name: str, args, tmp: Path) -> tuple[dict, dict]:
+    """{label: onnx path per runtime} and {label: eager module} for one variant."""
+    masked = condensed(name)
+    compact = cdnv2.convert_model(masked, check=False)
+    peer_name = PEERS[name]
+    peer = getattr(torchvision.models, peer_name)(weights=None).eval()
+    example = torch.randn(1, 3, args.size, args.size)
+    files, eager = {}, {"compact": compact, "masked": masked, peer_name: peer}
+    for form in args.forms:
+        label = "compact" if form == "auto" else f"compact[{form}]"
+        for rt, runtime in (("ort", "onnxruntime"), ("ov", "openvino")):
+            path = tmp / f"{name}-{form}-{rt}.onnx"
+            if form == "auto":
+                export_onnx(compact, example, path, runtime=runtime)
+            else:
+                from cdnv2.deploy.graph import build_deploy_model
+                plain_onnx(build_deploy_model(compact, runtime, forms=form), path, args.size)
+            files.setdefault(label, {})[rt] = path
+    for label, model in (("masked", masked), (peer_name, peer)):
+        path = plain_onnx(model, tmp / f"{name}-{label}.onnx", args.size)
+        files[label] = {"ort": path, "ov": path}
+    if args.int8:
+        from cdnv2.deploy.quantize import quantize_onnx_file, quantize_openvino_file
+
+        calib = [np.random.default_rng(i).standard_normal((8, 3, args.size, args.size), dtype=np.float32)
+                 for i in range(4)]
+        files["compact int8"] = {
+            "ort": quantize_onnx_file(files["compact"]["ort"], tmp / f"{name}-int8.onnx", calib),
+            "ov": quantize_openvino_file(files["compact"]["ov"], tmp / f"{name}-int8.xml", calib),
+        }
+    return files, eager
+
+
+def callables(files: dict, eager: dict, args) -> dict:
+    fns = {}
+    for label, per_rt in files.items():
+        if "ort" in args.runtimes:
+            fns[(label, "ort")] = ort_session(per_rt["ort"], args.threads)
+        if "ov" in args.runtimes:
+            fns[(label, "ov")] = openvino_session(per_rt["ov"], args.threads)
+    if "eager" in args.runtimes:
+        for label, model in eager.items():
+            fns[(label, "eager")] = lambda x, m=model: m(torch.from_numpy(x))
+    return fns
+
+
+def time_round_robin(fns: dict, x: np.ndarray, repeats: int) -> dict:
+    for fn in fns.values():
+        fn(x)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            fn(x)  # warm: each timed call follows an untimed one of the same model
+            t0 = time.perf_counter()
+            fn(x)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def table(name: str, batch: int, times: dict, files: dict, eager: dict, args) -> list[str]:
+    peer = PEERS[name]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = []
+    for rt in args.runtimes:
+        cells = [f"{med[(label, rt)]:.1f} ({min(times[(label, rt)]):.1f})" if (label, rt) in med else "-"
+                 for label in files if label != peer]
+        c, m, p = med.get(("compact", rt)), med.get(("masked", rt)), med.get((peer, rt))
+        i8 = med.get(("compact int8", rt))
+        ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"  # noqa: E731
+        rows.append(f"| {name} | {batch} | {rt} | " + " | ".join(cells) + f" | {med[(peer, rt)]:.1f} | "
+                    f"{ratio(c, m)} | {ratio(c, p)} | {ratio(c, i8)} |")
+    return rows
+
+
+def header(files: dict, name: str) -> list[str]:
+    labels = [label for label in files if label != PEERS[name]]
+    return ["| model | batch | runtime | " + " | ".join(f"{lb} ms" for lb in labels)
+            + " | peer ms | compact / masked | compact / peer | int8 speed-up |",
+            "|---|---:|---|" + "---:|" * (len(labels) + 4)]
+
+
+def profiles(files: dict, x: np.ndarray, args) -> list[str]:
+    out = []
+    for label in ("compact", "masked"):
+        run = openvino_session(files[label]["ov"], args.threads, perf_counts=True)
+        run(x)
+        run(x)
+        prof = openvino_op_profile(run)
+        total = sum(prof.values())
+        top = ", ".join(f"{k} {v:.1f}" for k, v in list(prof.items())[:8])
+        out.append(f"OpenVINO per-op ms, {label}, batch {x.shape[0]}: total {total:.1f}: {top}")
+        out.append(_ort_profile(files[label]["ort"], x, args, label))
+    return out
+
+
+def _ort_profile(path: Path, x: np.ndarray, args, label: str) -> str:
+    import json
+
+    run = ort_session(path, args.threads, profile=str(path.with_suffix("")))
+    run(x)
+    run(x)
+    trace = run.session.end_profiling()
+    events = json.loads(Path(trace).read_text())
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"].get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + e["dur"] / 1e3 / 2  # two runs
+    top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:8])
+    return f"ONNX Runtime per-op ms, {label}, batch {x.shape[0]}: total {sum(totals.values()):.1f}: {top}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # eager PyTorch at the runtimes' thread count
+    import onnxruntime
+    import openvino
+
+    out = [f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}, "
+           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, threads "
+           f"{args.threads or 'runtime default'}; fp32 unless int8, {args.size}x{args.size}, ms per batch, "
+           f"median (min) of {args.repeats} warm round-robin runs; load average at start {os.getloadavg()[0]:.2f}", ""]
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        for name in args.variants:
+            files, eager = build_files(name, args, Path(tmp))
+            fns = callables(files, eager, args)
+            out += header(files, name)
+            for batch in args.batch:
+                x = np.random.default_rng(0).standard_normal((batch, 3, args.size, args.size), dtype=np.float32)
+                rows = table(name, batch, time_round_robin(fns, x, args.repeats), files, eager, args)
+                print("\n".join(rows), file=sys.stderr, flush=True)
+                out += rows
+                if args.profile:
+                    out += [""] + profiles(files, x, args) + [""]
+            out.append("")
+    out.append(f"load average at end {os.getloadavg()[0]:.2f}")
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Deployment: the runtime graph of a compact model, ONNX / OpenVINO round trips, int8."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cdnv2
+from cdnv2.data import DataConfig, build_data
+from cdnv2.deploy import ExportError, build_deploy_model, export_and_check, export_onnx, require_onnx
+from cdnv2.deploy.forms import ALL_FORMS, measure_forms
+from cdnv2.deploy.graph import compact_layers, layer_input_sizes
+from cdnv2.engine import TrainConfig, TrainerConfig, train
+from cdnv2.layers import CondensingConv1x1
+
+pytest.importorskip("onnxruntime", reason="deployment needs the cdnv2[export] extra")
+pytest.importorskip("openvino", reason="deployment needs the cdnv2[export] extra")
+
+SIZE = (3, 32, 32)
+TINY_DATA = dict(num_train=384, num_val=128, batch_size=32)
+
+
+def _condensed_tiny(seed: int = 0) -> torch.nn.Module:
+    """cdnv2_tiny fully condensed, with BN statistics far from the identity (folds matter)."""
+    torch.manual_seed(seed)
+    model = cdnv2.create_model("cdnv2_tiny")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.3, 3)
+            m.weight.data.normal_(0, 1)  # negative scales too
+            m.bias.data.normal_(0, 0.5)
+        if isinstance(m, CondensingConv1x1):
+            while not m.fully_condensed:
+                m.condense_step()
+    return cdnv2.convert_model(model.eval(), check=False)
+
+
+@pytest.fixture(scope="module")
+def compact():
+    return _condensed_tiny()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    threads = torch.get_num_threads()
+    cfg = TrainConfig(data=DataConfig(**TINY_DATA))
+    cfg.trainer = TrainerConfig(epochs=2, max_steps_per_epoch=4, parity_samples=8, progress="none", threads=1)
+    path = tmp_path_factory.mktemp("deploy_run")
+    train(cfg, path)
+    torch.set_num_threads(threads)
+    return path
+
+
+@pytest.mark.parametrize("form", ALL_FORMS)
+def test_every_layer_form_is_exact(compact, form):
+    deploy = build_deploy_model(compact, forms=form, input_size=SIZE)
+    x = torch.randn(3, *SIZE)
+    with torch.no_grad():
+        ref, got = compact(x), deploy(x)
+    assert deploy.forms == [form] * len(compact_layers(compact))
+    assert (ref - got).abs().max() <= 1e-5 * max(1.0, ref.abs().max())
+
+
+def test_masked_model_is_converted_first():
+    torch.manual_seed(0)
+    masked = cdnv2.create_model("cdnv2_tiny").eval()
+    with pytest.raises(ValueError, match="not fully condensed"):
+        build_deploy_model(masked, input_size=SIZE)
+    for m in masked.modules():
+        if isinstance(m, CondensingConv1x1):
+            while not m.fully_condensed:
+                m.condense_step()
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        assert torch.allclose(build_deploy_model(masked, input_size=SIZE)(x), masked(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_round_trip_matches_pytorch_at_batch_1_3_32(compact, tmp_path, runtime):
+    fmt = "onnx" if runtime == "onnxruntime" else "openvino"
+    (c,) = export_and_check(compact, [fmt], tmp_path / "tiny", SIZE, class_names=["a", "b"],
+                            preprocess={"crop": 32})
+    assert c.ok and c.batch_sizes == [1, 3, 32], c
+    assert c.max_abs_diff <= 1e-4 * max(1.0, c.output_scale)
+    forms = c.metadata["cdnv2.deploy.layer_forms"].split(",")
+    assert len(forms) == len(compact_layers(compact)) and set(forms) <= set(ALL_FORMS)
+    assert c.metadata["cdnv2.deploy.runtime"] == runtime
+    side = json.loads((tmp_path / f"tiny{'.onnx' if fmt == 'onnx' else '.xml'}.json").read_text())
+    assert side["class_names"] == ["a", "b"] and side["preprocess"] == {"crop": 32}
+    if fmt == "onnx":
+        # plain convolutions, no scatter, no batched GEMMs, standard operators only
+        assert "Conv" in c.op_types and not {"ScatterND", "MatMul", "Transpose"} & set(c.op_types)
+        assert all("::" not in op for op in c.op_types)
+    else:
+        import openvino as ov
+
+        ir = ov.Core().read_model(str(tmp_path / "tiny.xml"))
+        assert ir.get_rt_info(["cdnv2", "deploy.layer_forms"]).astype(str) == c.metadata["cdnv2.deploy.layer_forms"]
+
+
+def test_batch_one_example_keeps_the_batch_axis_dynamic(compact, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    path = export_onnx(compact, torch.randn(1, *SIZE), tmp_path / "b1.onnx")
+    dim = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param and not dim.dim_value
+    x = torch.randn(5, *SIZE)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.allclose(got, compact(x).numpy(), atol=1e-4)
+
+
+def test_measured_forms_are_valid(compact):
+    layers = compact_layers(compact)[:2]
+    sizes = layer_input_sizes(compact.features, SIZE)[:2]
+    seen = []
+    forms = measure_forms(layers, sizes, "openvino", batch=2, repeats=1, report=lambda i, t: seen.append(t))
+    assert len(forms) == 2 and all(f in ALL_FORMS for f in forms)
+    assert all(set(t) == set(ALL_FORMS) and min(t.values()) > 0 for t in seen)
+
+
+def test_missing_extra_names_the_install_command(monkeypatch):
+    import cdnv2.deploy.export as export_mod
+
+    monkeypatch.setattr(export_mod, "missing_packages", lambda formats=("onnx",): ["onnxruntime"])
+    with pytest.raises(ExportError, match=r"pip install 'cdnv2\[export\]'"):
+        require_onnx()
+
+
+def test_int8_keeps_accuracy_on_the_quickstart_data(run_dir, tmp_path):
+    """NNCF and onnxruntime int8 of a trained tiny model: top-1 within a few points of fp32."""
+    from cdnv2.deploy.quantize import calibration_images, compare_int8, val_batches
+
+    compact = cdnv2.load_model(run_dir / "model_compact.pt")
+    data = build_data(DataConfig(**TINY_DATA), seed=0)
+    calib = calibration_images(data, 128)
+    assert sum(len(b) for b in calib) == 128 and calib[0].shape[1:] == SIZE
+    val = val_batches(data)
+    checks = export_and_check(compact, ["onnx", "openvino"], tmp_path / "tiny", SIZE)
+    for c in checks:
+        r = compare_int8(c.format, c.path, calib, val, batch=8, repeats=1)
+        assert r.val_images == 128
+        assert abs(r.int8_top1 - r.fp32_top1) <= 5.0, r
+        assert r.int8_ms > 0 and r.fp32_ms > 0
+
+
+@pytest.mark.slow
+def test_convert_command_exports_openvino_and_int8(run_dir, tmp_path, capsys):
+    from cdnv2.cli import convert as convert_cli
+
+    cfg = convert_cli.ConvertConfig(checkpoint=str(run_dir / "checkpoints/last.pt"), out=str(tmp_path / "m.pt"),
+                                    export="openvino", quantize="int8", calib_images=64, bench=False,
+                                    cost_batch=4)
+    summary = convert_cli.run(cfg)
+    out = capsys.readouterr().out
+    assert (tmp_path / "m.xml").exists() and (tmp_path / "m.bin").exists() and (tmp_path / "m.int8.xml").exists()
+    (check,) = summary["exports"]
+    assert check["ok"] and check["format"] == "openvino"
+    (r,) = summary["int8"]
+    assert r["val_images"] == TINY_DATA["num_val"] and "int8 vs fp32" in out and "speed-up" in out
+
+
+@pytest.mark.slow
+def test_quantize_without_an_export_is_refused(run_dir, tmp_path):
+    from helpers import cli
+
+    r = cli("cdnv2-convert", f"checkpoint={run_dir / 'model_compact.pt'}", "quantize=int8")
+    assert r.returncode == 2 and "add export=onnx" in r.stderr and "Traceback" not in r.stderr
