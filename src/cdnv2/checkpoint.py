@@ -38,6 +38,7 @@ from .compact import Structure, model_structure, restructure_for_state_dict
 from .compact import official
 from .errors import CheckpointError
 from .models import create_model, is_model, unknown_model_message
+from .models import features_only as features_only_net
 
 log = logging.getLogger(__name__)
 
@@ -306,12 +307,15 @@ def _build_model(obj: dict, where: str, weights: str) -> tuple[nn.Module, str]:
 
 
 def load_model(path_or_dict: str | os.PathLike | dict, *, weights: str = "ema",
-               device: str | torch.device = "cpu") -> nn.Module:
+               device: str | torch.device = "cpu", features_only: bool = False,
+               out_indices=None) -> nn.Module:
     """Rebuild the model of any cdnv2 checkpoint, in eval mode, on ``device``.
 
     ``weights``: for training checkpoints, "ema" (the EMA weights when the checkpoint has
     them, else the raw ones) or "raw". The model carries ``model.cdnv2_meta`` with
     class_names, preprocess, model_name, model_kwargs, structure and the weights used.
+    ``features_only``: return the backbone instead (``cdnv2.models.features_only``): the
+    maps after the dense blocks selected by ``out_indices`` (default all).
     """
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
@@ -330,6 +334,10 @@ def load_model(path_or_dict: str | os.PathLike | dict, *, weights: str = "ema",
         "structure": Structure(obj["structure"]),
         "weights": used,
     }
+    if features_only:
+        return features_only_net(model, out_indices).eval()
+    if out_indices is not None:
+        raise ValueError("out_indices needs features_only=True")
     return model
 
 

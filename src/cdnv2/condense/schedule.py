@@ -35,6 +35,7 @@ class CondenseConfig:
     sfr_fractions: Optional[list[float]] = None  # explicit SFR step fractions (C-1 of them)
     lasso_lambda: float = 0.0  # group-lasso weight; 0 = off (V2 ImageNet recipe)
     lasso_layers: list[str] = field(default_factory=lambda: ["lgc"])  # lgc and/or sfr
+    restart: bool = False  # with init=PATH: reset the file's masks to dense, keep its weights
 
 
 
@@ -99,17 +100,29 @@ class CondenseEvent:
 
 
 class Condenser:
-    """Applies the condensation schedule to a model from the trainer, never from forward()."""
+    """Applies the condensation schedule to a model from the trainer, never from forward().
 
-    def __init__(self, model: nn.Module, total_steps: int, cfg: CondenseConfig | None = None):
+    ``from_current_stage``: the layers' present stages are the run's starting point (a
+    run initialised from pretrained, partly condensed weights). The remaining steps of
+    a layer are spread over ``(0, end_fraction]`` of this run; explicit fractions keep
+    the times of their remaining entries. Default: every layer starts at stage 0.
+    """
+
+    def __init__(self, model: nn.Module, total_steps: int, cfg: CondenseConfig | None = None, *,
+                 from_current_stage: bool = False):
         self.cfg = cfg or CondenseConfig()
         self.total_steps = total_steps
         self.layers = condensing_layers(model)
+        self.start = {name: int(m.stage) if from_current_stage else 0 for name, m in self.layers}
         self.fire_at: dict[str, list[int]] = {}
         for name, m in self.layers:
             kind = layer_kind(m)
             explicit = {"lgc": self.cfg.lgc_fractions, "sfr": self.cfg.sfr_fractions}.get(kind)
-            self.fire_at[name] = fire_steps(m.num_steps, total_steps, self.cfg.end_fraction, explicit)
+            done = self.start[name]
+            if explicit is not None:
+                self.fire_at[name] = fire_steps(m.num_steps, total_steps, self.cfg.end_fraction, explicit)[done:]
+            else:
+                self.fire_at[name] = fire_steps(m.num_steps - done, total_steps, self.cfg.end_fraction)
         self.final_step = max((s[-1] for s in self.fire_at.values() if s), default=0)
         self._fire_steps = {s for steps in self.fire_at.values() for s in steps}
 
@@ -122,7 +135,7 @@ class Condenser:
         return completed in self._fire_steps
 
     def target_stage(self, name: str, completed: int) -> int:
-        return sum(1 for t in self.fire_at[name] if completed >= t)
+        return self.start[name] + sum(1 for t in self.fire_at[name] if completed >= t)
 
     def verify(self, completed: int) -> None:
         """Raise :class:`ScheduleError` unless every layer is at its stage for ``completed`` steps."""

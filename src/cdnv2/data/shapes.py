@@ -83,3 +83,14 @@ def make_shapes(num: int, seed: int, size: int = 32, noise: float = 0.1) -> tupl
     images = images + noise * torch.randn(images.shape, generator=g)
     images = (images.clamp_(0, 1) * 255).round_().to(torch.uint8)
     return images, labels
+
+
+def shape_masks(label: int, num: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Boolean masks (num, size, size) of class ``label`` (0-5 are objects, 6-9 textures),
+    as drawn in the shapes images; for building other tasks (e.g. detection) on them."""
+    if not 0 <= label < len(SHAPES_CLASSES):
+        raise ValueError(f"shape_masks: label must be in 0..{len(SHAPES_CLASSES) - 1}, got {label}")
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    yy = coords.view(1, size, 1).expand(num, size, size)
+    xx = coords.view(1, 1, size).expand(num, size, size)
+    return _masks(label, xx, yy, generator, size)

@@ -61,6 +61,7 @@ class OptimConfig:
     mixup_alpha: float = 0.0  # 0: mixup off
     cutmix_alpha: float = 0.0  # 0: CutMix off
     grad_clip: Optional[float] = None  # max global grad norm; None: no clipping
+    head_lr_scale: float = 1.0  # classifier lr = head_lr_scale x lr (fine-tuning: e.g. 10)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class TrainerConfig:
     max_steps_per_epoch: Optional[int] = None  # cap steps (smoke tests)
     deterministic: str = "auto"  # auto (exact on CPU, fast on CUDA) | true | false; set by the CLI
     threads: Optional[int] = None  # torch intra-op threads, set by the CLI; None: torch's default
+    freeze_epochs: int = 0  # first epochs train only the classifier (backbone lr 0)
 
 
 @dataclass
@@ -110,6 +112,8 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0  # one seed for init, data order and augmentation
     resume: str = "auto"  # auto | never | path to a checkpoint
+    init: Optional[str] = None  # start from these weights (any cdnv2 or official file); not a resume
+    init_weights: str = "ema"  # ema (when the file has them) | raw
     name: Optional[str] = None  # optional suffix of the run directory
     sweep_name: Optional[str] = None  # multirun folder (CLI only); None: from the overrides
 

@@ -16,29 +16,40 @@ def resolve_lr(cfg: OptimConfig, batch_size: int) -> float:
     return cfg.base_lr * batch_size / cfg.ref_batch_size
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay conv and linear weights only: BN parameters and biases are 1-d."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, head_lr_scale: float = 1.0,
+                 split_head: bool = False) -> list[dict]:
+    """Decay conv and linear weights only: BN parameters and biases are 1-d.
+
+    ``split_head``: the classifier (``model.classifier_name``) gets groups of its own,
+    tagged ``head`` with ``lr_scale``, so fine-tuning can run it at a higher lr or alone
+    (freezing). Off, the layout is the two groups older checkpoints were saved with.
+    """
+    head_name = getattr(model, "classifier_name", None) if split_head else None
+    head = set(map(id, model.get_submodule(head_name).parameters())) if head_name else set()
+    groups = {(h, d): [] for h in (False, True) for d in (True, False)}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+            groups[(id(p) in head, p.ndim > 1)].append(p)
+    out = []
+    for (is_head, decay), params in groups.items():
+        if params or not is_head:  # the two body groups always exist (stable group layout)
+            out.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                        "head": is_head, "lr_scale": head_lr_scale if is_head else 1.0})
+    return out
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, *, split_head: bool = False) -> torch.optim.Optimizer:
     """SGD with the fused kernel: one kernel per step, and it can skip a step on the device.
 
     The fused kernel reads ``found_inf`` (a 0-dim tensor) on the device and leaves the
     parameters and momentum untouched when it is nonzero, which is how a non-finite step
-    is skipped without the host waiting for the device (:func:`step_unless`).
+    is skipped without the host waiting for the device (:func:`step_unless`). The head has
+    groups of its own with ``split_head`` or a ``head_lr_scale`` != 1.
     """
     if cfg.name != "sgd":
         raise ValueError(f"optim.name={cfg.name!r} is not supported; use 'sgd'")
     return torch.optim.SGD(
-        param_groups(model, cfg.weight_decay),
+        param_groups(model, cfg.weight_decay, cfg.head_lr_scale, split_head or cfg.head_lr_scale != 1.0),
         lr=lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -95,6 +106,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, cfg: S
     return cfg.min_lr + 0.5 * (peak_lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, *, freeze_backbone: bool = False) -> None:
+    """Set every group's lr (times its ``lr_scale``); ``freeze_backbone``: only the head moves."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        frozen = freeze_backbone and not group.get("head", False)
+        group["lr"] = 0.0 if frozen else lr * group.get("lr_scale", 1.0)

@@ -40,6 +40,7 @@ from .callbacks import Callback
 from .config import AMP_MODES, TrainConfig, config_to_dict
 from .distributed import all_reduce_sum, any_rank_each, barrier, cleanup, init_distributed
 from .health import HealthWindow, StepHealth
+from .init_from import init_model
 from .logger import MetricLogger, Progress, log
 from .optim import build_optimizer, load_optimizer_state, lr_at, prime_momentum, resolve_lr, set_lr, step_unless
 from .runtime import resolve_device
@@ -116,12 +117,13 @@ class Trainer:
                 self.model = create_model(cfg.model.name, num_classes=self.data.num_classes, **cfg.model.overrides())
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"model {cfg.model.name!r}: {e}") from None
+        self.init_report = self._init_weights() if cfg.init else None
         self.model.to(self.device)
         if cfg.trainer.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.condenser = Condenser(self.model, self.total_steps, cfg.condense)
+        self.condenser = Condenser(self.model, self.total_steps, cfg.condense, from_current_stage=bool(cfg.init))
         self.structure = Structure.MASKED
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr, split_head=cfg.trainer.freeze_epochs > 0)
         self.ema = (
             ModelEMA(self.model, cfg.trainer.ema_decay, warmup=cfg.trainer.ema_warmup)
             if cfg.trainer.ema_decay else None
@@ -150,6 +152,17 @@ class Trainer:
         self._log_start()
 
     # ------------------------------------------------------------------ set-up
+    def _init_weights(self):
+        """init=PATH: pretrained weights and masks into the fresh model (a resume overrides them)."""
+        report = init_model(
+            self.model, self.cfg.init, weights=self.cfg.init_weights, class_names=list(self.data.class_names),
+            restart=self.cfg.condense.restart, model_name=self.cfg.model.name,
+            preprocess=self.data.eval_preprocess,
+        )
+        if self.is_main:
+            log.info("weights from init=%s\n%s", self.cfg.init, report.table())
+        return report
+
     def _log_start(self) -> None:
         """One line with what the run will do, so a wrong dataset or lr shows at once."""
         if not self.is_main:
@@ -320,7 +333,9 @@ class Trainer:
             restructure_for_state_dict(self.model, state["model_state"])
             if self.ema is not None:
                 restructure_for_state_dict(self.ema.module, state["model_state"])
-            self.optimizer = build_optimizer(self.model, self.cfg.optim, self.peak_lr)
+            self.optimizer = build_optimizer(
+                self.model, self.cfg.optim, self.peak_lr, split_head=self.cfg.trainer.freeze_epochs > 0
+            )
             self.structure = Structure(state["structure"])
         self.model.load_state_dict(state["model_state"])
         if self.ema is not None:
@@ -496,7 +511,7 @@ class Trainer:
         """
         t0 = time.perf_counter()
         lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.sched)
-        set_lr(self.optimizer, lr)
+        set_lr(self.optimizer, lr, freeze_backbone=self.epoch < self.cfg.trainer.freeze_epochs)
         loss = self._forward_loss(images, targets)
         bad = self.health.record(self.step + 1, loss)
         if not self._momentum_primed:  # once per process: see prime_momentum
@@ -671,6 +686,7 @@ class Trainer:
             "flops": {"paper": cost_masked.paper_flops, "masked_exec": cost_masked.exec_flops},
             "params": {"paper": cost_masked.paper_params, "masked": cost_masked.params},
             "compact": None,
+            "init": self.init_report.as_dict() if self.init_report else None,
             "run_dir": str(self.run_dir),
         }
         has_masks = bool(condensing_layers(reference))

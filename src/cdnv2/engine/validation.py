@@ -38,6 +38,7 @@ from .config import (
     SCHEDULES,
     TrainConfig,
 )
+from .init_from import check_init_config
 from .optim import resolve_lr
 from .runtime import MODES as DETERMINISTIC_MODES
 
@@ -58,6 +59,7 @@ def validate_config(cfg: TrainConfig) -> None:
     _check_image_size(cfg, facts)
     _check_condense(cfg, facts)
     _check_resume(cfg)
+    check_init_config(cfg.init, cfg.init_weights)
 
 
 # ---------------------------------------------------------------- types
@@ -183,6 +185,8 @@ _RULES: tuple = (
     _Range("optim.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     _Range("optim.mixup_alpha", lambda v: v >= 0, ">= 0 (0: mixup off)"),
     _Range("optim.cutmix_alpha", lambda v: v >= 0, ">= 0 (0: CutMix off)"),
+    _Range("optim.head_lr_scale", lambda v: v > 0, "> 0 (the classifier's lr as a multiple of the rest's; "
+           "to keep the backbone still use trainer.freeze_epochs)", 10.0),
     _Range("optim.grad_clip", lambda v: v > 0, "> 0 (the largest gradient norm; null: no clipping)", 1.0,
            optional=True),
     _Choice("sched.name", SCHEDULES),
@@ -209,6 +213,8 @@ _RULES: tuple = (
     _Range("trainer.parity_samples", lambda v: v >= 1, ">= 1 (validation images for the compact "
            "model's parity check)"),
     _Range("trainer.max_steps_per_epoch", lambda v: v >= 1, ">= 1 (null: no cap)", 100, optional=True),
+    _Range("trainer.freeze_epochs", lambda v: v >= 0, ">= 0 (epochs that train only the classifier; "
+           "0: none)", 1),
     _Range("trainer.threads", lambda v: v >= 1, ">= 1 (null: torch's default)", 4, optional=True),
     _Range("trainer.deterministic", lambda v: v.strip().lower() in DETERMINISTIC_MODES,
            "auto (exact on CPU, fast on CUDA), true or false", "auto"),

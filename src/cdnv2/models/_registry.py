@@ -11,6 +11,8 @@ from typing import Callable
 
 from torch import nn
 
+from .features import features_only as features_only_net
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -41,10 +43,19 @@ def is_model(name: str) -> bool:
     return name in _MODELS
 
 
-def create_model(name: str, **overrides) -> nn.Module:
-    """Build a registered model; keyword ``overrides`` replace fields of its config."""
+def create_model(name: str, *, features_only: bool = False, out_indices=None, **overrides) -> nn.Module:
+    """Build a registered model; keyword ``overrides`` replace fields of its config.
+
+    ``features_only=True`` returns a backbone giving the map after each dense block
+    (``out_indices`` selects blocks, default all) with ``model.feature_info``.
+    """
     try:
         builder = _MODELS[name]
     except KeyError:
         raise ValueError(unknown_model_message(name)) from None
-    return builder(**overrides)
+    model = builder(**overrides)
+    if features_only:
+        return features_only_net(model, out_indices)
+    if out_indices is not None:
+        raise ValueError("out_indices needs features_only=True")
+    return model

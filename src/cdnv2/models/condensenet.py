@@ -117,12 +117,18 @@ class CondenseNet(nn.Module):
 
     ``forward_features`` -> (B, C, H, W) after the last BN-ReLU; ``forward_head`` pools,
     applies the head SE and the classifier; ``reset_classifier`` swaps the last layer.
+    ``feature_info`` lists each dense block's output (channels, reduction, module) for
+    ``create_model(..., features_only=True)``.
     """
+
+    classifier_name = "classifier"  # the module reset_classifier replaces
 
     def __init__(self, cfg: CondenseNetConfig):
         super().__init__()
         self.cfg = cfg
         c = cfg.stem_channels or 2 * cfg.growth[0]
+        reduction = cfg.stem_stride
+        self.feature_info: list[dict] = []
         self.features = nn.Sequential()
         self.features.add_module(
             "init_conv", nn.Conv2d(cfg.in_chans, c, 3, stride=cfg.stem_stride, padding=1, bias=False)
@@ -136,8 +142,12 @@ class CondenseNet(nn.Module):
                 block.add_module(f"denselayer_{i + 1}", DenseLayer(c, k, cfg, act, se))
                 c += k
             self.features.add_module(f"denseblock_{b + 1}", block)
+            # The last block's map is taken after the final BN-ReLU (= forward_features).
+            tap = f"denseblock_{b + 1}" if b < last else "act_last"
+            self.feature_info.append(dict(num_chs=c, reduction=reduction, module=f"features.{tap}"))
             if b < last:
                 self.features.add_module(f"transition_{b + 1}", nn.AvgPool2d(2, stride=2))
+                reduction *= 2
         self.features.add_module("norm_last", nn.BatchNorm2d(c))
         self.features.add_module("act_last", nn.ReLU(inplace=True))
         self.num_features = c

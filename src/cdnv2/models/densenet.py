@@ -12,6 +12,8 @@ from ._registry import register_model
 class TorchvisionDenseNet(nn.Module):
     """Wraps ``torchvision.models.densenetXXX`` (random init: no hub downloads)."""
 
+    classifier_name = "net.classifier"  # the module reset_classifier replaces
+
     def __init__(self, variant: str, num_classes: int = 1000, memory_efficient: bool = False):
         super().__init__()
         self.variant = variant
@@ -20,6 +22,7 @@ class TorchvisionDenseNet(nn.Module):
         )
         self.num_features = self.net.classifier.in_features
         self._kwargs = dict(num_classes=num_classes, memory_efficient=memory_efficient)
+        self.feature_info = _block_info(self.net.features)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.net.features(x))
@@ -37,6 +40,23 @@ class TorchvisionDenseNet(nn.Module):
 
     def arch_kwargs(self) -> dict:
         return dict(self._kwargs)
+
+
+def _block_info(features: nn.Sequential) -> list[dict]:
+    """Channels and reduction after each ``denseblockN`` (the last one after ``norm5``)."""
+    info, reduction, c = [], 1, 0
+    for name, child in features.named_children():
+        if isinstance(child, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            reduction *= child.stride if isinstance(child.stride, int) else child.stride[0]
+            c = getattr(child, "out_channels", c)
+        elif name.startswith("denseblock"):
+            layers = list(child.children())
+            c += sum(layer.conv2.out_channels for layer in layers)
+            info.append(dict(num_chs=c, reduction=reduction, module=f"net.features.{name}"))
+        elif name.startswith("transition"):
+            c, reduction = child.conv.out_channels, reduction * 2
+    info[-1]["module"] = "net.features.norm5"  # the trunk's final BN, as timm's DenseNet
+    return info
 
 
 @register_model
