@@ -14,7 +14,7 @@ from cdnv2.condense import ModelEMA, condensing_layers
 from cdnv2.compact import to_compact_training
 from cdnv2.data import DataConfig
 from cdnv2.engine import TrainConfig, Trainer, TrainerConfig, train
-from cdnv2.engine.trainer import resolve_compact_training
+from cdnv2.engine.runtime import resolve_compact_training
 
 from helpers import assert_same_state, load
 

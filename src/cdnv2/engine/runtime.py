@@ -1,5 +1,8 @@
 """Process-wide settings of a command: device choice, threads, seeds, deterministic kernels.
 
+:func:`resolve_device` and :func:`resolve_compact_training` turn device-dependent config
+values into what this process runs with.
+
 Only the console commands call :func:`configure_runtime`, once, before any work. The
 library (``Trainer``, ``evaluate``, conversion) leaves process-wide state alone, so a
 notebook or a test that calls it keeps its own threads, seeds and kernel flags.
@@ -52,6 +55,21 @@ def resolve_device(name: str, local_rank: int = 0, key: str = "device") -> torch
         return torch.device(name)
     except RuntimeError:
         raise ConfigError(f"{key}={name!r}: use auto, cpu, cuda or cuda:N") from None
+
+
+def resolve_compact_training(value, device: torch.device) -> bool:
+    """``trainer.compact_training``: true, false or auto (the form that measured faster).
+
+    auto: compact training on CPU, where it measured 1.1-1.5x the masked step
+    (docs/convert.md); the masked form on other devices until ``scripts/gpu_check.py``
+    has measured the compact form faster there (docs/gpu.md).
+    """
+    v = str(value).lower()
+    if v == "auto":
+        return device.type == "cpu"
+    if v in ("true", "false"):
+        return v == "true"
+    raise ConfigError(f"trainer.compact_training={value!r}: use auto, true or false")
 
 
 def deterministic_mode(value: Any, key: str = "deterministic") -> str:

@@ -8,10 +8,6 @@ from its last checkpoint and ends with the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import random
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -19,49 +15,36 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-import torch.distributed
 import torch.nn.functional as F
 from torch import nn
 
 from .. import signals as stop_signals
-from ..compact import Structure, check_parity, convert_model, restructure_for_state_dict, to_compact_training
+from ..compact import Structure, to_compact_training
 from ..condense import Condenser, ModelEMA, condensing_layers, layer_kind
 from ..data import build_data, mixup_cutmix
-from ..errors import (
-    CheckpointError, ConfigError, LoaderWorkerDied, NonFiniteLossError, RunDirError, TrainingInterrupted,
-)
+from ..errors import ConfigError, LoaderWorkerDied, NonFiniteLossError, TrainingInterrupted
 from ..evaluate import EvalResult, evaluate
 from ..flops import count_cost
 from ..models import create_model
 from .. import checkpoint as ckpt
-from ..tables import format_table
 from . import run_dir as rundir
 from .callbacks import Callback
-from .config import AMP_MODES, TrainConfig, config_to_dict
+from .config import AMP_MODES, TrainConfig
 from .distributed import all_reduce_sum, any_rank_each, barrier, cleanup, init_distributed
+from .finalize import (
+    convert_and_eval, has_report, masked_report, masks_identical, read_report, summary_table, write_report,
+)
 from .health import HealthWindow, StepHealth
 from .init_from import init_model
 from .logger import MetricLogger, Progress, log
-from .optim import build_optimizer, load_optimizer_state, lr_at, prime_momentum, resolve_lr, set_lr, step_unless
-from .runtime import resolve_device
+from .optim import build_optimizer, lr_at, prime_momentum, resolve_lr, set_lr, step_unless
+from .resume import (
+    check_compatible, check_identity, checkpoint_state, checkpoint_to_resume, restore, run_identity, start_afresh,
+)
+from .runtime import resolve_compact_training, resolve_device
 from .validation import validate_config
 
 _AMP = dict(zip(AMP_MODES, (None, torch.bfloat16, torch.float16)))
-
-
-def resolve_compact_training(value, device: torch.device) -> bool:
-    """``trainer.compact_training``: true, false or auto (the form that measured faster).
-
-    auto: compact training on CPU, where it measured 1.1-1.5x the masked step
-    (docs/convert.md); the masked form on other devices until ``scripts/gpu_check.py``
-    has measured the compact form faster there (docs/gpu.md).
-    """
-    v = str(value).lower()
-    if v == "auto":
-        return device.type == "cpu"
-    if v in ("true", "false"):
-        return v == "true"
-    raise ConfigError(f"trainer.compact_training={value!r}: use auto, true or false")
 
 
 class Trainer:
@@ -144,7 +127,7 @@ class Trainer:
         self.last_eval: dict = {}
         self.last_checkpoint: Path | None = None
         self._stops: stop_signals.StopGuard | None = None
-        self.identity = self._run_identity()
+        self.identity = run_identity(cfg, self.data)
         self.finished = False  # resumed a run whose report.json is written: nothing to do
         self._resume()
         self.train_model = self._wrap(self.model)
@@ -213,150 +196,22 @@ class Trainer:
         self.train_model = self._wrap(self.model)
         log.info("step %d: all masks final, switched to compact training layers", self.step)
 
-    def _checkpoint_state(self) -> dict:
-        return {
-            "format": ckpt.FORMAT,
-            "kind": "train",
-            "version": 1,
-            "model_name": self.cfg.model.name,
-            "model_kwargs": self.model.arch_kwargs(),
-            "structure": self.structure.value,
-            "model_state": self.model.state_dict(),
-            "ema_state": self.ema.state_dict() if self.ema else None,
-            "ema_updates": self.ema.updates if self.ema else 0,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "total_steps": self.total_steps,
-            "best_top1": self.best_top1,
-            "bad_steps": self.bad_steps,
-            "train_seconds": self.train_seconds,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            "class_names": list(self.data.class_names),
-            "preprocess": self.data.eval_preprocess,
-            "data_name": self.cfg.data.name,
-            "config": config_to_dict(self.cfg),
-            "run_identity": self.identity,
-            "metrics": dict(self.last_eval),
-        }
-
-    def _check_compatible(self, state: dict, path: Path) -> None:
-        diffs = []
-        if state.get("model_name") != self.cfg.model.name:
-            diffs.append(f"model {state.get('model_name')!r} vs {self.cfg.model.name!r}")
-        ours = self.model.arch_kwargs()
-        theirs = state.get("model_kwargs") or {}
-        for key in sorted(set(ours) | set(theirs)):
-            if ours.get(key) != theirs.get(key):
-                diffs.append(f"model.{key} {theirs.get(key)!r} vs {ours.get(key)!r}")
-        theirs_cls, ours_cls = list(state.get("class_names", [])), list(self.data.class_names)
-        if theirs_cls != ours_cls:
-            differ = [f"{a!r}/{b!r}" for a, b in zip(theirs_cls, ours_cls) if a != b][:3]
-            diffs.append(
-                f"{len(theirs_cls)} classes vs {len(ours_cls)} in the data"
-                + (f" (first differences: {', '.join(differ)})" if differ else "")
-            )
-        if state.get("total_steps") != self.total_steps:
-            diffs.append(
-                f"total steps {state.get('total_steps')} vs {self.total_steps} "
-                "(trainer.epochs, data.batch_size or the dataset size changed)"
-            )
-        if diffs:
-            raise CheckpointError(
-                f"checkpoint {path} does not fit this run: " + "; ".join(diffs[:8])
-                + ". Resume with the settings it was trained with, pick another run directory "
-                "(name=... or hydra.run.dir=...), or start afresh with resume=never."
-            )
-
-    def _run_identity(self) -> dict:
-        d = self.data
-        root = None if self.cfg.data.name == "shapes" else self.cfg.data.root  # generated: config keys say it all
-        return rundir.run_identity(config_to_dict(self.cfg), rundir.data_identity(
-            root, len(d.train_loader.dataset), len(d.val_loader.dataset), d.class_names,
-        ))
-
-    def _check_identity(self, state: dict, path: Path) -> None:
-        stored = state.get("run_identity") or {"config": state.get("config") or {}, "data": None}
-        stored = {"config": rundir.config_identity(stored["config"]), "data": stored.get("data")}
-        diffs = rundir.identity_differences(stored, self.identity, config_to_dict(TrainConfig()))
-        if diffs:
-            raise RunDirError(
-                f"{path} belongs to a run with other settings (step {state.get('step')} of "
-                f"{state.get('total_steps')}): " + "; ".join(diffs) + ". Resuming would mix two runs. "
-                "To keep it and train separately, add name=<new name> (a new run directory) or "
-                "hydra.run.dir=...; to replace it, add resume=never (it is moved to "
-                f"{self.run_dir}.old-N/, nothing is deleted); to continue it, use the settings it "
-                "was started with. Settings that may change on resume: " + ", ".join(rundir.RESUMABLE_KEYS) + "."
-            )
-
-    def _start_afresh(self, replace: bool) -> None:
-        """Before a new run: never overwrite an earlier one's outputs or mix its logs."""
-        if not self.is_main:
-            return
-        outputs, logs = self.run.outputs(), self.run.logs()
-        if outputs and not replace:
-            names = ", ".join(str(p.relative_to(self.run_dir)) for p in outputs[:8])
-            raise RunDirError(
-                f"{self.run_dir} holds outputs of an earlier run but no readable checkpoint to resume "
-                f"from (checkpoints/last.pt and prev.pt are missing or unreadable): {names}"
-                f"{' ...' if len(outputs) > 8 else ''}. Nothing was overwritten. To train elsewhere, add "
-                "name=<new name> or hydra.run.dir=...; to start over here, add resume=never (the old "
-                f"run is moved to {self.run_dir}.old-N/); or put a good checkpoint back as "
-                "checkpoints/last.pt and re-run."
-            )
-        if outputs or logs:
-            aside = self.run.move_aside()
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            what = "resume=never" if replace else "no checkpoint to resume from"
-            log.warning("%s: moved the earlier run in %s aside to %s (nothing deleted)", what, self.run_dir, aside)
-
     def _resume(self) -> None:
-        if self.cfg.resume == "never":
-            self._start_afresh(replace=True)
+        """Continue the run from its checkpoint (see :mod:`cdnv2.engine.resume`), or start afresh."""
+        found = checkpoint_to_resume(self.cfg.resume, self.ckpt_dir)
+        if found is None:
+            if self.is_main:
+                start_afresh(self.run, self.run_dir, self.ckpt_dir, replace=self.cfg.resume == "never")
             return
-        if self.cfg.resume == "auto":
-            found = ckpt.find_resume_checkpoint(self.ckpt_dir)
-            if found is None:
-                self._start_afresh(replace=False)
-                return
-            state, path = found
-        else:
-            path = Path(self.cfg.resume)
-            state = ckpt.load_checkpoint(path)
-        if state.get("kind") != "train":
-            raise CheckpointError(f"{path} is a {state.get('kind')} artifact, not a training checkpoint")
-        self._check_compatible(state, path)
-        self._check_identity(state, path)
-        if state["structure"] != Structure.MASKED:
-            restructure_for_state_dict(self.model, state["model_state"])
-            if self.ema is not None:
-                restructure_for_state_dict(self.ema.module, state["model_state"])
-            self.optimizer = build_optimizer(
-                self.model, self.cfg.optim, self.peak_lr, split_head=self.cfg.trainer.freeze_epochs > 0
-            )
-            self.structure = Structure(state["structure"])
-        self.model.load_state_dict(state["model_state"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema_state"] or state["model_state"])
-            self.ema.updates = state.get("ema_updates", 0)
-        load_optimizer_state(self.optimizer, state["optimizer"])
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.batch_in_epoch = state["batch_in_epoch"]
-        self.best_top1, self.bad_steps = state["best_top1"], state["bad_steps"]
-        self.train_seconds = state["train_seconds"]
-        self.last_eval = dict(state.get("metrics") or {})
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(_as_random_state(state["rng"]["python"]))
-        if self.structure is Structure.MASKED:
-            self.condenser.verify(self.step)
-        elif self.step < self.condenser.final_step:
-            raise CheckpointError(f"{path}: compact layers before the last condensation step")
+        state, path = found
+        check_compatible(
+            state, path, model_name=self.cfg.model.name, arch_kwargs=self.model.arch_kwargs(),
+            class_names=self.data.class_names, total_steps=self.total_steps,
+        )
+        check_identity(state, path, self.identity, self.run_dir)
+        restore(self, state, path)
         self.last_checkpoint = path
-        self.finished = self.step >= self.total_steps and _readable_json(self.run_dir / "report.json")
+        self.finished = self.step >= self.total_steps and has_report(self.run_dir)
         if self.is_main and not self.finished:
             log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
 
@@ -377,7 +232,7 @@ class Trainer:
                 f"the last good checkpoint is {self.last_checkpoint}"
             )
         path = self.ckpt_dir / name
-        state = self._checkpoint_state()
+        state = checkpoint_state(self)
         if name == "last.pt":
             ckpt.save_rotating(state, path)
             self.last_checkpoint = path
@@ -446,7 +301,7 @@ class Trainer:
             self._check_stop()
 
     def _already_finished(self) -> dict:
-        report = json.loads((self.run_dir / "report.json").read_text())
+        report = read_report(self.run_dir)
         if self.is_main:
             log.info(
                 "%s already finished (step %d of %d): nothing to do, its outputs are untouched. To train "
@@ -670,123 +525,28 @@ class Trainer:
             self.condenser.step(self.total_steps)  # no-op unless the schedule was cut short
         model = self.eval_model()
         masked = self.run_eval(model, "eval masked")
-        input_size = tuple(self.data.input_size)
         arch = self.model.arch_kwargs()
         reference = create_model(self.cfg.model.name, **arch)
-        cost_masked = count_cost(reference, input_size)
-        report = {
-            "model": self.cfg.model.name,
-            "data": self.cfg.data.name,
-            "epochs": self.cfg.trainer.epochs,
-            "steps": self.step,
-            "train_seconds": round(self.train_seconds, 2),
-            "weights": "ema" if self.ema is not None else "raw",
-            **masked.as_dict(),
-            "best_top1": self.best_top1,
-            "flops": {"paper": cost_masked.paper_flops, "masked_exec": cost_masked.exec_flops},
-            "params": {"paper": cost_masked.paper_params, "masked": cost_masked.params},
-            "compact": None,
-            "init": self.init_report.as_dict() if self.init_report else None,
-            "run_dir": str(self.run_dir),
-        }
+        report = masked_report(
+            self.cfg, masked, count_cost(reference, tuple(self.data.input_size)), steps=self.step,
+            train_seconds=self.train_seconds, weights="ema" if self.ema is not None else "raw",
+            best_top1=self.best_top1, init=self.init_report.as_dict() if self.init_report else None,
+            run_dir=self.run_dir,
+        )
         has_masks = bool(condensing_layers(reference))
         if self.dist.enabled:
-            report["masks_identical_across_ranks"] = self._masks_identical()
+            report["masks_identical_across_ranks"] = masks_identical(self.model, self.dist, self.device)
         if has_masks:
-            report["compact"] = self._convert_and_eval(model, input_size, report)
+            report["compact"] = convert_and_eval(
+                model, self.cfg, self.data, arch, self.device, self.run_eval, report,
+                self.run_dir / "model_compact.pt", write=self.is_main,
+            )
         if self.is_main:
-            _write_atomic(self.run_dir / "report.json", json.dumps(report, indent=2) + "\n")
+            write_report(self.run_dir, report)
             print(summary_table(report), flush=True)
         self._callback("on_fit_end", report)
         cleanup(self.dist)
         return report
-
-    def _masks_identical(self) -> bool:
-        """Gather a checksum of every structural buffer (masks, stages, indices) from all ranks."""
-        params = {n for n, _ in self.model.named_parameters()}
-        stats = ("running_mean", "running_var", "num_batches_tracked")
-        checksum = torch.zeros(1, dtype=torch.float64, device=self.device)
-        for i, (name, b) in enumerate(sorted(self.model.state_dict().items())):
-            if name not in params and not name.endswith(stats):
-                v = b.double().flatten()
-                weights = torch.arange(1, v.numel() + 1, device=v.device, dtype=v.dtype)
-                checksum += (v * weights).sum() * (i + 1)
-        gathered = [torch.zeros_like(checksum) for _ in range(self.dist.world_size)]
-        torch.distributed.all_gather(gathered, checksum)
-        return all(torch.equal(g, gathered[0]) for g in gathered)
-
-    def _parity_batch(self) -> torch.Tensor:
-        images = []
-        for x, _ in self.data.val_loader:
-            images.append(x)
-            if sum(i.shape[0] for i in images) >= self.cfg.trainer.parity_samples:
-                break
-        return torch.cat(images)[: self.cfg.trainer.parity_samples].to(self.device)
-
-    def _convert_and_eval(self, model: nn.Module, input_size, report: dict) -> dict:
-        x = self._parity_batch()
-        compact = convert_model(model, example_input=x)
-        parity = check_parity(model, compact, x)
-        result = self.run_eval(compact, "eval compact")
-        cost = count_cost(compact, input_size)
-        report["flops"]["compact_exec"] = cost.exec_flops
-        report["flops"]["compact_paper"] = cost.paper_flops
-        report["params"]["compact"] = cost.params
-        path = self.run_dir / "model_compact.pt"
-        if self.is_main:
-            ckpt.save_compact(
-                path, compact, model_name=self.cfg.model.name, model_kwargs=self.model.arch_kwargs(),
-                class_names=list(self.data.class_names), preprocess=self.data.eval_preprocess,
-                metrics=result.as_dict(), data=dataclasses.asdict(self.cfg.data), seed=self.cfg.seed,
-            )
-        return {
-            **result.as_dict(),
-            "parity_max_abs_diff": parity.max_abs_diff,
-            "parity_output_scale": parity.output_scale,
-            "path": str(path),
-        }
-
-
-def summary_table(report: dict) -> str:
-    rows = [
-        ("model / data", f"{report['model']} / {report['data']}"),
-        ("epochs / steps", f"{report['epochs']} / {report['steps']}"),
-        ("train time", f"{report['train_seconds']:.1f} s"),
-        (f"top-1 / top-5 (masked, {report['weights']})", f"{report['top1']:.2f}% / {report['top5']:.2f}%"),
-        ("paper-rule FLOPs / params", f"{report['flops']['paper'] / 1e6:.2f}M / {report['params']['paper'] / 1e6:.3f}M"),
-        ("masked model executes", f"{report['flops']['masked_exec'] / 1e6:.2f}M FLOPs / {report['params']['masked'] / 1e6:.3f}M"),
-    ]
-    c = report.get("compact")
-    if c:
-        rows += [
-            ("top-1 / top-5 (compact)", f"{c['top1']:.2f}% / {c['top5']:.2f}%"),
-            ("compact executes", f"{report['flops']['compact_exec'] / 1e6:.2f}M FLOPs / {report['params']['compact'] / 1e6:.3f}M"),
-            ("parity max |diff|", f"{c['parity_max_abs_diff']:.2e} (output scale {c['parity_output_scale']:.2f})"),
-            ("compact model", c["path"]),
-        ]
-    rows.append(("run directory", report["run_dir"]))
-    return format_table(rows, "cdnv2-train summary")
-
-
-def _readable_json(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """report.json exists complete or not at all: its presence means "finished"."""
-    tmp = path.with_name(f".{path.name}{ckpt.TMP_MARK}{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _as_random_state(state):
-    # weights_only loading turns the inner tuple into a list; random.setstate wants tuples.
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, callbacks: Iterable[Callback] = ()) -> dict:

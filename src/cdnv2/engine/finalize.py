@@ -1,0 +1,144 @@
+"""The end of a training run: compact conversion, parity, ``report.json`` and its table.
+
+After the last epoch :meth:`Trainer.finalize <cdnv2.engine.trainer.Trainer.finalize>`
+evaluates the masked model, converts it to the compact form (:func:`convert_and_eval`:
+parity on a validation batch, evaluation, ``model_compact.pt``) and writes
+``report.json`` last, atomically: its presence means the run finished, so a re-run of
+the same command only prints :func:`summary_table` again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed
+from torch import nn
+
+from .. import checkpoint as ckpt
+from ..compact import check_parity, convert_model
+from ..data import Data
+from ..evaluate import EvalResult
+from ..flops import CostReport, count_cost
+from ..tables import format_table
+from .config import TrainConfig
+from .distributed import DistInfo
+
+
+def masked_report(cfg: TrainConfig, masked: EvalResult, cost: CostReport, *, steps: int, train_seconds: float,
+                  weights: str, best_top1: float, init: dict | None, run_dir: Path) -> dict:
+    """report.json's keys, filled for the masked model (:func:`convert_and_eval` adds the compact ones)."""
+    return {
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "epochs": cfg.trainer.epochs,
+        "steps": steps,
+        "train_seconds": round(train_seconds, 2),
+        "weights": weights,
+        **masked.as_dict(),
+        "best_top1": best_top1,
+        "flops": {"paper": cost.paper_flops, "masked_exec": cost.exec_flops},
+        "params": {"paper": cost.paper_params, "masked": cost.params},
+        "compact": None,
+        "init": init,
+        "run_dir": str(run_dir),
+    }
+
+
+def masks_identical(model: nn.Module, dist: DistInfo, device: torch.device) -> bool:
+    """Gather a checksum of every structural buffer (masks, stages, indices) from all ranks."""
+    params = {n for n, _ in model.named_parameters()}
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    checksum = torch.zeros(1, dtype=torch.float64, device=device)
+    for i, (name, b) in enumerate(sorted(model.state_dict().items())):
+        if name not in params and not name.endswith(stats):
+            v = b.double().flatten()
+            weights = torch.arange(1, v.numel() + 1, device=v.device, dtype=v.dtype)
+            checksum += (v * weights).sum() * (i + 1)
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(gathered, checksum)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def parity_batch(loader, samples: int, device: torch.device) -> torch.Tensor:
+    """The first ``samples`` validation images: the masked and compact models must agree on them."""
+    images = []
+    for x, _ in loader:
+        images.append(x)
+        if sum(i.shape[0] for i in images) >= samples:
+            break
+    return torch.cat(images)[:samples].to(device)
+
+
+def convert_and_eval(
+    model: nn.Module, cfg: TrainConfig, data: Data, arch_kwargs: dict, device: torch.device,
+    run_eval: Callable[[nn.Module, str], EvalResult], report: dict, path: Path, write: bool,
+) -> dict:
+    """Convert ``model`` to compact, check parity, evaluate; add its cost to ``report``.
+
+    Returns the report's ``compact`` entry; ``write`` (rank 0) saves the model to ``path``.
+    """
+    x = parity_batch(data.val_loader, cfg.trainer.parity_samples, device)
+    compact = convert_model(model, example_input=x)
+    parity = check_parity(model, compact, x)
+    result = run_eval(compact, "eval compact")
+    cost = count_cost(compact, tuple(data.input_size))
+    report["flops"]["compact_exec"] = cost.exec_flops
+    report["flops"]["compact_paper"] = cost.paper_flops
+    report["params"]["compact"] = cost.params
+    if write:
+        ckpt.save_compact(
+            path, compact, model_name=cfg.model.name, model_kwargs=arch_kwargs,
+            class_names=list(data.class_names), preprocess=data.eval_preprocess,
+            metrics=result.as_dict(), data=dataclasses.asdict(cfg.data), seed=cfg.seed,
+        )
+    return {
+        **result.as_dict(),
+        "parity_max_abs_diff": parity.max_abs_diff,
+        "parity_output_scale": parity.output_scale,
+        "path": str(path),
+    }
+
+
+def write_report(run_dir: Path, report: dict) -> None:
+    """report.json exists complete or not at all: its presence means "finished"."""
+    path = run_dir / "report.json"
+    tmp = path.with_name(f".{path.name}{ckpt.TMP_MARK}{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def has_report(run_dir: Path) -> bool:
+    try:
+        json.loads((run_dir / "report.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def read_report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def summary_table(report: dict) -> str:
+    rows = [
+        ("model / data", f"{report['model']} / {report['data']}"),
+        ("epochs / steps", f"{report['epochs']} / {report['steps']}"),
+        ("train time", f"{report['train_seconds']:.1f} s"),
+        (f"top-1 / top-5 (masked, {report['weights']})", f"{report['top1']:.2f}% / {report['top5']:.2f}%"),
+        ("paper-rule FLOPs / params", f"{report['flops']['paper'] / 1e6:.2f}M / {report['params']['paper'] / 1e6:.3f}M"),
+        ("masked model executes", f"{report['flops']['masked_exec'] / 1e6:.2f}M FLOPs / {report['params']['masked'] / 1e6:.3f}M"),
+    ]
+    c = report.get("compact")
+    if c:
+        rows += [
+            ("top-1 / top-5 (compact)", f"{c['top1']:.2f}% / {c['top5']:.2f}%"),
+            ("compact executes", f"{report['flops']['compact_exec'] / 1e6:.2f}M FLOPs / {report['params']['compact'] / 1e6:.3f}M"),
+            ("parity max |diff|", f"{c['parity_max_abs_diff']:.2e} (output scale {c['parity_output_scale']:.2f})"),
+            ("compact model", c["path"]),
+        ]
+    rows.append(("run directory", report["run_dir"]))
+    return format_table(rows, "cdnv2-train summary")

@@ -1,0 +1,191 @@
+"""A training run's state on disk: what its checkpoint holds, resuming it, or starting afresh.
+
+A re-run of the same command resumes from ``checkpoints/last.pt`` (or ``prev.pt``) when
+that checkpoint fits this run (model, classes, step count) and was written by a run with
+the same settings (its identity, :func:`cdnv2.engine.run_dir.run_identity`). Otherwise it
+refuses with what differs and never overwrites an earlier run's outputs. The rules for
+the folder itself (lock, outputs, moving aside) are :mod:`cdnv2.engine.run_dir`'s.
+
+:func:`checkpoint_state` and :func:`restore` are the two directions of one mapping
+between a :class:`~cdnv2.engine.trainer.Trainer` and its checkpoint's keys; keep them
+side by side when a key is added.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..compact import Structure, restructure_for_state_dict
+from ..data import Data
+from ..errors import CheckpointError, RunDirError
+from . import run_dir as rundir
+from .config import TrainConfig, config_to_dict
+from .logger import log
+from .optim import build_optimizer, load_optimizer_state
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+def run_identity(cfg: TrainConfig, data: Data) -> dict:
+    """The fingerprint a checkpoint records: the resolved config and the data's identity."""
+    root = None if cfg.data.name == "shapes" else cfg.data.root  # generated: config keys say it all
+    return rundir.run_identity(config_to_dict(cfg), rundir.data_identity(
+        root, len(data.train_loader.dataset), len(data.val_loader.dataset), data.class_names,
+    ))
+
+
+def checkpoint_state(t: Trainer) -> dict:
+    """Everything a resume needs, as a plain dict (``kind="train"``)."""
+    return {
+        "format": ckpt.FORMAT,
+        "kind": "train",
+        "version": 1,
+        "model_name": t.cfg.model.name,
+        "model_kwargs": t.model.arch_kwargs(),
+        "structure": t.structure.value,
+        "model_state": t.model.state_dict(),
+        "ema_state": t.ema.state_dict() if t.ema else None,
+        "ema_updates": t.ema.updates if t.ema else 0,
+        "optimizer": t.optimizer.state_dict(),
+        "scaler": t.scaler.state_dict() if t.scaler else None,
+        "step": t.step,
+        "epoch": t.epoch,
+        "batch_in_epoch": t.batch_in_epoch,
+        "total_steps": t.total_steps,
+        "best_top1": t.best_top1,
+        "bad_steps": t.bad_steps,
+        "train_seconds": t.train_seconds,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "class_names": list(t.data.class_names),
+        "preprocess": t.data.eval_preprocess,
+        "data_name": t.cfg.data.name,
+        "config": config_to_dict(t.cfg),
+        "run_identity": t.identity,
+        "metrics": dict(t.last_eval),
+    }
+
+
+def checkpoint_to_resume(resume: str, ckpt_dir: Path) -> tuple[dict, Path] | None:
+    """``resume``: never (None), auto (``last.pt``, else ``prev.pt``; None: neither is
+    readable) or a path. Raises when the file is not a training checkpoint."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = ckpt.find_resume_checkpoint(ckpt_dir)
+        if found is None:
+            return None
+        state, path = found
+    else:
+        path = Path(resume)
+        state = ckpt.load_checkpoint(path)
+    if state.get("kind") != "train":
+        raise CheckpointError(f"{path} is a {state.get('kind')} artifact, not a training checkpoint")
+    return state, path
+
+
+def check_compatible(state: dict, path: Path, *, model_name: str, arch_kwargs: dict,
+                     class_names: list[str], total_steps: int) -> None:
+    """The checkpoint's model, classes and step count are this run's."""
+    diffs = []
+    if state.get("model_name") != model_name:
+        diffs.append(f"model {state.get('model_name')!r} vs {model_name!r}")
+    ours = arch_kwargs
+    theirs = state.get("model_kwargs") or {}
+    for key in sorted(set(ours) | set(theirs)):
+        if ours.get(key) != theirs.get(key):
+            diffs.append(f"model.{key} {theirs.get(key)!r} vs {ours.get(key)!r}")
+    theirs_cls, ours_cls = list(state.get("class_names", [])), list(class_names)
+    if theirs_cls != ours_cls:
+        differ = [f"{a!r}/{b!r}" for a, b in zip(theirs_cls, ours_cls) if a != b][:3]
+        diffs.append(
+            f"{len(theirs_cls)} classes vs {len(ours_cls)} in the data"
+            + (f" (first differences: {', '.join(differ)})" if differ else "")
+        )
+    if state.get("total_steps") != total_steps:
+        diffs.append(
+            f"total steps {state.get('total_steps')} vs {total_steps} "
+            "(trainer.epochs, data.batch_size or the dataset size changed)"
+        )
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this run: " + "; ".join(diffs[:8])
+            + ". Resume with the settings it was trained with, pick another run directory "
+            "(name=... or hydra.run.dir=...), or start afresh with resume=never."
+        )
+
+
+def check_identity(state: dict, path: Path, identity: dict, run_dir: Path) -> None:
+    """The checkpoint was written by a run with these settings (resumable keys aside)."""
+    stored = state.get("run_identity") or {"config": state.get("config") or {}, "data": None}
+    stored = {"config": rundir.config_identity(stored["config"]), "data": stored.get("data")}
+    diffs = rundir.identity_differences(stored, identity, config_to_dict(TrainConfig()))
+    if diffs:
+        raise RunDirError(
+            f"{path} belongs to a run with other settings (step {state.get('step')} of "
+            f"{state.get('total_steps')}): " + "; ".join(diffs) + ". Resuming would mix two runs. "
+            "To keep it and train separately, add name=<new name> (a new run directory) or "
+            "hydra.run.dir=...; to replace it, add resume=never (it is moved to "
+            f"{run_dir}.old-N/, nothing is deleted); to continue it, use the settings it "
+            "was started with. Settings that may change on resume: " + ", ".join(rundir.RESUMABLE_KEYS) + "."
+        )
+
+
+def start_afresh(run: rundir.RunDir, run_dir: Path, ckpt_dir: Path, *, replace: bool) -> None:
+    """Before a new run (rank 0): never overwrite an earlier one's outputs or mix its logs."""
+    outputs, logs = run.outputs(), run.logs()
+    if outputs and not replace:
+        names = ", ".join(str(p.relative_to(run_dir)) for p in outputs[:8])
+        raise RunDirError(
+            f"{run_dir} holds outputs of an earlier run but no readable checkpoint to resume "
+            f"from (checkpoints/last.pt and prev.pt are missing or unreadable): {names}"
+            f"{' ...' if len(outputs) > 8 else ''}. Nothing was overwritten. To train elsewhere, add "
+            "name=<new name> or hydra.run.dir=...; to start over here, add resume=never (the old "
+            f"run is moved to {run_dir}.old-N/); or put a good checkpoint back as "
+            "checkpoints/last.pt and re-run."
+        )
+    if outputs or logs:
+        aside = run.move_aside()
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        what = "resume=never" if replace else "no checkpoint to resume from"
+        log.warning("%s: moved the earlier run in %s aside to %s (nothing deleted)", what, run_dir, aside)
+
+
+def restore(t: Trainer, state: dict, path: Path) -> None:
+    """Put a checkpoint's weights, optimizer, counters and RNG states into the trainer."""
+    if state["structure"] != Structure.MASKED:
+        restructure_for_state_dict(t.model, state["model_state"])
+        if t.ema is not None:
+            restructure_for_state_dict(t.ema.module, state["model_state"])
+        t.optimizer = build_optimizer(
+            t.model, t.cfg.optim, t.peak_lr, split_head=t.cfg.trainer.freeze_epochs > 0
+        )
+        t.structure = Structure(state["structure"])
+    t.model.load_state_dict(state["model_state"])
+    if t.ema is not None:
+        t.ema.load_state_dict(state["ema_state"] or state["model_state"])
+        t.ema.updates = state.get("ema_updates", 0)
+    load_optimizer_state(t.optimizer, state["optimizer"])
+    if t.scaler and state.get("scaler"):
+        t.scaler.load_state_dict(state["scaler"])
+    t.step, t.epoch = state["step"], state["epoch"]
+    t.batch_in_epoch = state["batch_in_epoch"]
+    t.best_top1, t.bad_steps = state["best_top1"], state["bad_steps"]
+    t.train_seconds = state["train_seconds"]
+    t.last_eval = dict(state.get("metrics") or {})
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(_as_random_state(state["rng"]["python"]))
+    if t.structure is Structure.MASKED:
+        t.condenser.verify(t.step)
+    elif t.step < t.condenser.final_step:
+        raise CheckpointError(f"{path}: compact layers before the last condensation step")
+
+
+def _as_random_state(state):
+    # weights_only loading turns the inner tuple into a list; random.setstate wants tuples.
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
