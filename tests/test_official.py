@@ -18,7 +18,7 @@ from cdnv2.layers import CompactLGC, CompactSFR, CondensingConv1x1
 
 from test_convert import randomize
 
-VARIANTS = ["cdnv2_a", "cdnv2_b", pytest.param("cdnv2_c", marks=pytest.mark.slow)]
+VARIANTS = ["cdnv2_a", pytest.param("cdnv2_b", marks=pytest.mark.slow), pytest.param("cdnv2_c", marks=pytest.mark.slow)]
 
 
 def masked_model(name, seed=0, steps=None):

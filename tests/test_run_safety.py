@@ -279,6 +279,7 @@ def test_other_commands_exit_130_on_ctrl_c(tmp_path, finished):
         _assert_clean_stop(proc, 130, prog)
 
 
+@pytest.mark.slow  # three real commands under reduced privileges (~20 s)
 def test_read_only_folders_are_clear_errors(tmp_path, finished):
     run = tmp_path / "run"
     shutil.copytree(finished, run, ignore=shutil.ignore_patterns("model_compact*", "report.json"))

@@ -92,6 +92,7 @@ def test_real_command_and_resume_after_kill_equals_uninterrupted(tmp_path):
     assert a["step"] == b["step"] == 12
 
 
+@pytest.mark.slow  # tests/test_sweeps.py runs real sweeps with summaries by default
 def test_multirun_sweep_writes_summary(tmp_path):
     r = cli(
         "cdnv2-train", "-m", *QUICK, "trainer.epochs=2", "model=cdnv2_tiny,condensenet_50",

@@ -265,7 +265,9 @@ def test_trainer_validates_and_logs_what_it_will_do(tmp_path, caplog):
     assert "lgc at steps [2, 3, 4]" in line and "sfr at steps [2, 3, 4]" in line
     assert trainer.autocast_dtype == torch.bfloat16  # bf16 on CPU is used, not ignored
     images, targets = next(iter(trainer.data.train_loader))
-    assert math.isfinite(trainer.train_step(images, targets))
+    trainer.train_step(images, targets)
+    window = trainer.health.collect()  # the step's loss, looked at as the log would
+    assert window.good == 1 and not window.bad_steps and math.isfinite(window.loss)
 
 
 # A few of the cases through the real command (each start costs seconds); the
