@@ -30,27 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.conv_unit import bn_affine
+
 if TYPE_CHECKING:
     from .dense import CompactDenseLayer
 
 _INF = float("inf")
-
-def _bn_affine(bn: nn.Module, channels: int, like: torch.Tensor):
-    """Eval-mode BN as float64 (scale, shift); None if it is not a fixed affine map."""
-    if isinstance(bn, nn.Identity):
-        return like.new_ones(channels, dtype=torch.float64), like.new_zeros(channels, dtype=torch.float64)
-    # Any eval-mode BN with running statistics (SyncBatchNorm too) is a fixed affine map.
-    if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training
-            or bn.running_mean is None or bn.running_var is None):
-        return None
-    scale = (bn.running_var.double() + bn.eps).rsqrt()
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -bn.running_mean.double() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    return scale, shift
-
 
 def _relu_fold(s: torch.Tensor, t: torch.Tensor):
     """relu(s*x + t) == s_eff * clamp(x, lo, hi) + t_eff, channel by channel.
@@ -184,8 +169,8 @@ def build_plan(layer: "CompactDenseLayer") -> Plan | None:
     if conv3.stride != (1, 1) or conv3.padding != (1, 1) or conv3.dilation != (1, 1):
         return None
     dt = lgc.conv.weight.dtype
-    bn1 = _bn_affine(lgc.norm, lgc.selected, lgc.conv.weight)
-    bn2 = _bn_affine(pre3.norm, lgc.out_channels, lgc.conv.weight)
+    bn1 = bn_affine(lgc.norm, lgc.selected, lgc.conv.weight)
+    bn2 = bn_affine(pre3.norm, lgc.out_channels, lgc.conv.weight)
     if bn1 is None or bn2 is None:
         return None
     lgc_mode, sfr_mode = _layer_modes(layer)
@@ -230,7 +215,7 @@ def build_plan(layer: "CompactDenseLayer") -> Plan | None:
     plan.b_int = plan.b_int.to(dt)
     if layer.sfr is not None:
         sfr = layer.sfr
-        bn3 = _bn_affine(sfr.norm, sfr.in_channels, sfr.conv.weight)
+        bn3 = bn_affine(sfr.norm, sfr.in_channels, sfr.conv.weight)
         if bn3 is None:
             return None
         s3, t3 = (v.to(dt) for v in bn3)

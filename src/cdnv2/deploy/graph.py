@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.conv_unit import bn_affine as layers_bn_affine
+
 LGC_FORMS = ("dense", "grouped")
 CONV3_FORMS = ("grouped", "dense")
 RUNTIMES = ("onnxruntime", "openvino")
@@ -41,17 +43,10 @@ class DeployError(ValueError):
 # ----------------------------------------------------------------------------- folds
 def bn_affine(bn: nn.Module, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode BN as float64 (scale, shift); Identity as (1, 0)."""
-    if isinstance(bn, nn.Identity):
-        return torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
-        raise DeployError(f"{type(bn).__name__} is not a BatchNorm with running statistics")
-    scale = (bn.running_var.double() + bn.eps).rsqrt()
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -bn.running_mean.double() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    return scale, shift
+    folded = layers_bn_affine(bn, channels)
+    if folded is None:
+        raise DeployError(f"{type(bn).__name__} is not an eval-mode BatchNorm with running statistics")
+    return folded
 
 
 def act_name(act: nn.Module) -> str:

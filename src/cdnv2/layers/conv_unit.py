@@ -38,3 +38,27 @@ class PreActConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.act(self.norm(x)))
+
+
+def bn_affine(bn: nn.Module, channels: int, like: torch.Tensor | None = None):
+    """An eval-mode BN (or Identity) as per-channel float64 ``(scale, shift)``.
+
+    ``bn(x) == scale * x + shift`` channel by channel: what the fused inference path and
+    the deployment graph fold into neighbouring convs. None when the BN is not a fixed
+    affine map (training mode, or no running statistics). ``like`` sets the device.
+    """
+    device = like.device if like is not None else None
+    if isinstance(bn, nn.Identity):
+        return (torch.ones(channels, dtype=torch.float64, device=device),
+                torch.zeros(channels, dtype=torch.float64, device=device))
+    # Any eval-mode BN with running statistics (SyncBatchNorm too) is a fixed affine map.
+    if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training
+            or bn.running_mean is None or bn.running_var is None):
+        return None
+    scale = (bn.running_var.double() + bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
