@@ -76,7 +76,7 @@ def build_files(name: str, args, tmp: Path) -> tuple[dict, dict]:
     for form in args.forms:
         label = "compact" if form == "auto" else f"compact[{form}]"
         for rt, runtime in (("ort", "onnxruntime"), ("ov", "openvino")):
-            path = tmp / f"{name}-{form}-{rt}.onnx"
+            path = tmp / f"{name}-{form.replace('/', '-')}-{rt}.onnx"
             if form == "auto":
                 export_onnx(compact, example, path, runtime=runtime)
             else:
