@@ -102,7 +102,7 @@ def callables(files: dict, eager: dict, args) -> dict:
     fns = {}
     for label, per_rt in files.items():
         if "ort" in args.runtimes:
-            fns[(label, "ort")] = ort_session(per_rt["ort"], args.threads)
+            fns[(label, "ort")] = ort_session(per_rt["ort"], args.threads, spin=False)
         if "ov" in args.runtimes:
             fns[(label, "ov")] = openvino_session(per_rt["ov"], args.threads)
     if "eager" in args.runtimes:

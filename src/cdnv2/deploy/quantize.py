@@ -126,7 +126,7 @@ def quantize_file(fmt: str, path: str | Path, calib: list[np.ndarray]) -> Path:
 def _session(fmt: str, path: Path):
     from .runtime import openvino_session, ort_session
 
-    return openvino_session(path) if fmt == "openvino" else ort_session(path)
+    return openvino_session(path) if fmt == "openvino" else ort_session(path, spin=False)
 
 
 def time_ms(runs: dict, x: np.ndarray, repeats: int = 5) -> dict[str, float]:

@@ -1,7 +1,10 @@
 """Run an exported file in ONNX Runtime or OpenVINO on the CPU: one callable per file.
 
 Both take ``threads`` (None: the runtime's default), so benchmarks can pin a thread
-count without touching process-wide state.
+count without touching process-wide state. OpenVINO runs in float32 unless asked otherwise
+(its CPU default is bfloat16 where the CPU has it). ``spin=False`` stops ONNX Runtime's idle
+threads from busy-waiting after each run: without it they hold the CPU for a while and
+slow whatever runs next in the process (another model timed round-robin, say).
 """
 from __future__ import annotations
 
@@ -11,12 +14,15 @@ from typing import Callable
 import numpy as np
 
 
-def ort_session(path: str | Path, threads: int | None = None, profile: str | None = None) -> Callable:
+def ort_session(path: str | Path, threads: int | None = None, profile: str | None = None,
+                spin: bool = True) -> Callable:
     """``run(images) -> logits`` for an ONNX file in ONNX Runtime's CPU provider."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -33,11 +39,21 @@ def ort_session(path: str | Path, threads: int | None = None, profile: str | Non
     return run
 
 
-def openvino_session(path: str | Path, threads: int | None = None, perf_counts: bool = False) -> Callable:
-    """``run(images) -> logits`` for an OpenVINO IR (.xml) or ONNX file on OpenVINO's CPU plugin."""
+def openvino_session(path: str | Path, threads: int | None = None, perf_counts: bool = False,
+                     precision: str | None = "f32") -> Callable:
+    """``run(images) -> logits`` for an OpenVINO IR (.xml) or ONNX file on OpenVINO's CPU plugin.
+
+    ``precision`` is the plugin's inference precision. f32 by default: on CPUs with
+    AVX512-BF16 or AMX (Zen 4, Sapphire Rapids) OpenVINO otherwise computes in bfloat16,
+    about 1e-2 relative error, so a check against PyTorch would fail there and timings would
+    not be fp32. ``"bf16"`` (or None: the plugin's default) is the faster deployment choice
+    on such CPUs.
+    """
     import openvino as ov
 
     config = {"PERFORMANCE_HINT": "LATENCY"}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     if perf_counts:
