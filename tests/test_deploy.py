@@ -9,7 +9,7 @@ import cdnv2
 from cdnv2.data import DataConfig, build_data
 from cdnv2.deploy import ExportError, build_deploy_model, export_and_check, export_onnx, require_onnx
 from cdnv2.deploy.forms import ALL_FORMS, measure_forms
-from cdnv2.deploy.graph import compact_layers, layer_input_sizes
+from cdnv2.deploy.graph import PREACT_FORM, PREACT_FORMS, PreAct, compact_layers, layer_input_sizes
 from cdnv2.engine import TrainConfig, TrainerConfig, train
 from cdnv2.layers import CondensingConv1x1
 
@@ -52,13 +52,17 @@ def run_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("preact", PREACT_FORMS)
 @pytest.mark.parametrize("form", ALL_FORMS)
-def test_every_layer_form_is_exact(compact, form):
-    deploy = build_deploy_model(compact, forms=form, input_size=SIZE)
+def test_every_layer_form_is_exact(compact, form, preact):
+    deploy = build_deploy_model(compact, forms=form, input_size=SIZE, preact=preact)
     x = torch.randn(3, *SIZE)
     with torch.no_grad():
         ref, got = compact(x), deploy(x)
     assert deploy.forms == [form] * len(compact_layers(compact))
+    norms = [m.norm for m in deploy.modules() if isinstance(m, PreAct)]
+    kind = torch.nn.BatchNorm2d if preact == "bn" else torch.nn.Conv2d
+    assert norms and all(isinstance(n, kind) for n in norms)
     assert (ref - got).abs().max() <= 1e-5 * max(1.0, ref.abs().max())
 
 
@@ -86,6 +90,7 @@ def test_round_trip_matches_pytorch_at_batch_1_3_32(compact, tmp_path, runtime):
     forms = c.metadata["cdnv2.deploy.layer_forms"].split(",")
     assert len(forms) == len(compact_layers(compact)) and set(forms) <= set(ALL_FORMS)
     assert c.metadata["cdnv2.deploy.runtime"] == runtime
+    assert c.metadata["cdnv2.deploy.preact_form"] == PREACT_FORM[runtime]
     side = json.loads((tmp_path / f"tiny{'.onnx' if fmt == 'onnx' else '.xml'}.json").read_text())
     assert side["class_names"] == ["a", "b"] and side["preprocess"] == {"crop": 32}
     if fmt == "onnx":

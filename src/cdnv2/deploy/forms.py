@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .graph import CONV3_FORMS, LGC_FORMS, DeployDenseLayer
+from .graph import CONV3_FORMS, LGC_FORMS, PREACT_FORM, DeployDenseLayer
 
 ALL_FORMS = tuple(f"{lgc}/{c3}" for lgc in LGC_FORMS for c3 in CONV3_FORMS)
 
@@ -49,13 +49,13 @@ _DENSE_3X3_WIDTH = {"onnxruntime": 0, "openvino": 4}
 def _session(path: Path, runtime: str, threads: int | None):
     from .runtime import openvino_session, ort_session
 
-    return ort_session(path, threads) if runtime == "onnxruntime" else openvino_session(path, threads)
+    return ort_session(path, threads, spin=False) if runtime == "onnxruntime" else openvino_session(path, threads)
 
 
 def layer_session(layer: nn.Module, form: str, shape: tuple[int, ...], runtime: str, tmp: Path,
                   threads: int | None = None):
     """``run(x)`` of one dense layer in ``form``, exported for a fixed (B, C, H, W) input."""
-    module = DeployDenseLayer(layer, form).eval()
+    module = DeployDenseLayer(layer, form, PREACT_FORM[runtime]).eval()
     path = tmp / f"layer-{form.replace('/', '-')}.onnx"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -18,10 +18,12 @@ folded (all exact up to float rounding):
   to ``x``: duplicates sum, as in the scatter, and runtimes fuse the Add into the conv;
 - a condensed classifier reads its kept inputs through zero columns of a dense Linear.
 
-The pre-activation BN of each layer's input (and of the SFR input) stays a Mul + Add +
-activation: the input is a concatenation, not a conv output, so there is nothing to fold
-it into. Which LGC form is faster depends on the layer's size and the runtime;
-:func:`cdnv2.deploy.forms.choose_form` holds the measured rule (docs/deploy.md).
+The pre-activation BN of each layer's input (and of the SFR input) cannot be folded: the
+input is a concatenation, not a conv output. It is a BatchNormalization node for ONNX
+Runtime (one pass) and a depthwise 1x1 conv for OpenVINO, which turns a BN into Multiply +
+Add passes but fuses the conv with its activation (:data:`PREACT_FORM`). Which LGC form
+is faster depends on the layer's size and the runtime; :func:`cdnv2.deploy.forms.choose_form`
+holds the measured rule (docs/deploy.md).
 """
 from __future__ import annotations
 
@@ -67,16 +69,42 @@ def apply_act(name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class PreAct(nn.Module):
-    """An eval BN (one BatchNormalization node: one pass in ONNX Runtime, Mul + Add that
-    OpenVINO fuses with the activation) and its activation, where no conv precedes it."""
+PREACT_FORMS = ("bn", "conv")
+# How each runtime gets a pre-activation BN (measured, docs/deploy.md): ONNX Runtime runs a
+# BatchNormalization node in one pass; OpenVINO decomposes it into Multiply + Add, but
+# fuses a depthwise 1x1 Convolution (weight = scale, bias = shift) with the activation.
+PREACT_FORM = {"onnxruntime": "bn", "openvino": "conv"}
 
-    def __init__(self, bn: nn.Module, act: str, index: torch.Tensor | None = None, channels: int | None = None):
+
+class PreAct(nn.Module):
+    """An eval BN and its activation where no conv precedes it (the input is a concat).
+
+    ``form="bn"``: one BatchNormalization node; ``form="conv"``: the same affine map as a
+    depthwise 1x1 conv. ``index`` (with ``channels``) places the BN's channels among more
+    inputs; the others keep the identity map (their next conv reads them with zeros).
+    """
+
+    def __init__(self, bn: nn.Module, act: str, index: torch.Tensor | None = None, channels: int | None = None,
+                 form: str = "bn"):
         super().__init__()
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
-            raise DeployError(f"{type(bn).__name__} is not a BatchNorm with running statistics")
+        if form not in PREACT_FORMS:
+            raise DeployError(f"pre-activation form {form!r}: use one of {', '.join(PREACT_FORMS)}")
+        affine = bn_affine(bn, getattr(bn, "num_features", 0))
+        if affine is None or isinstance(bn, nn.Identity):
+            raise DeployError(f"{type(bn).__name__} is not an eval-mode BatchNorm with running statistics")
+        scale, shift = affine
         n = channels or bn.num_features
-        self.norm = nn.BatchNorm2d(n, eps=bn.eps).eval().requires_grad_(False)
+        if index is not None:
+            scale = scale.new_ones(n).index_copy(0, index, scale)
+            shift = shift.new_zeros(n).index_copy(0, index, shift)
+        self.form, self.act = form, act
+        if form == "conv":
+            self.norm = _conv(scale.view(n, 1, 1, 1), shift, groups=n)
+        else:  # the BN itself, its statistics copied (channels outside ``index``: the defaults)
+            self.norm = nn.BatchNorm2d(n, eps=bn.eps).eval().requires_grad_(False)
+            self._load_bn(bn, index)
+
+    def _load_bn(self, bn: nn.Module, index: torch.Tensor | None) -> None:
         with torch.no_grad():
             for name in ("weight", "bias", "running_mean", "running_var"):
                 src = getattr(bn, name)
@@ -87,7 +115,6 @@ class PreAct(nn.Module):
                     dst.copy_(src)
                 else:  # channels not read by the next conv keep the neutral defaults
                     dst[index] = src.to(dst.dtype)
-        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return apply_act(self.act, self.norm(x))
@@ -123,7 +150,7 @@ class DeployDenseLayer(nn.Module):
     dense kernels beat their grouped ones at 1-4 channels per group).
     """
 
-    def __init__(self, layer: nn.Module, form: str):
+    def __init__(self, layer: nn.Module, form: str, preact: str = "bn"):
         super().__init__()
         lgc_form, conv3_form = parse_form(form)
         lgc, unit, se, sfr = layer.conv_1, layer.conv_2, layer.se, layer.sfr
@@ -142,13 +169,13 @@ class DeployDenseLayer(nn.Module):
             wd = w.new_zeros(n, g, c)
             for gi in range(g):
                 wd[:, gi].index_add_(1, idx[gi * m:(gi + 1) * m], w[gi])
-            self.pre = PreAct(lgc.norm, act_name(lgc.act), idx, c)
+            self.pre = PreAct(lgc.norm, act_name(lgc.act), idx, c, form=preact)
             self.conv1 = _conv((s2[:, None] * wd.reshape(o, c))[:, :, None, None], t2, 1)  # rows d*G+g
             self.register_buffer("index", None)
             self.register_buffer("shuffle", None)
         else:
             self.register_buffer("index", idx.clone())
-            self.pre = PreAct(lgc.norm, act_name(lgc.act))
+            self.pre = PreAct(lgc.norm, act_name(lgc.act), form=preact)
             perm = torch.arange(o).view(n, g).t().reshape(-1)  # grouped position -> interleaved channel
             self.conv1 = _conv((s2[perm].view(g, n, 1) * w).reshape(o, m, 1, 1), t2[perm], g)
             self.register_buffer("shuffle", torch.argsort(perm))  # interleaved channel -> grouped position
@@ -167,7 +194,7 @@ class DeployDenseLayer(nn.Module):
         self.se = _deploy_se(se)
         self.sfr_pre = self.sfr_conv = None
         if sfr is not None:
-            self.sfr_pre = PreAct(sfr.norm, act_name(sfr.act))
+            self.sfr_pre = PreAct(sfr.norm, act_name(sfr.act), form=preact)
             self.sfr_conv = _conv(sfr.dense_weight().double()[:, :, None, None], None, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,10 +263,11 @@ class DeployModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, runtime: str = "openvino", forms: list[str] | str | None = None,
-                 input_size: tuple[int, int, int] = (3, 224, 224)):
+                 input_size: tuple[int, int, int] = (3, 224, 224), preact: str | None = None):
         super().__init__()
         if runtime not in RUNTIMES:
             raise DeployError(f"runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+        self.preact = preact = preact or PREACT_FORM[runtime]
         features = getattr(model, "features", None)
         if not isinstance(features, nn.Sequential):
             raise DeployError(f"{type(model).__name__} has no `features` sequence of dense blocks")
@@ -262,23 +290,23 @@ class DeployModel(nn.Module):
         pending_bn = None
         for name, child in features.named_children():
             if isinstance(child, nn.Sequential) and all(_is_compact_layer(m) for m in child):
-                child = nn.Sequential(*(DeployDenseLayer(layer, next(it)) for layer in child))
+                child = nn.Sequential(*(DeployDenseLayer(layer, next(it), preact) for layer in child))
             elif _is_compact_layer(child):
-                child = DeployDenseLayer(child, next(it))
+                child = DeployDenseLayer(child, next(it), preact)
             elif isinstance(child, nn.modules.batchnorm._BatchNorm):
                 pending_bn = child
                 continue
             elif pending_bn is not None and isinstance(child, (nn.ReLU, nn.Hardswish, nn.Identity)):
-                child = PreAct(pending_bn, act_name(child))
+                child = PreAct(pending_bn, act_name(child), form=preact)
                 pending_bn = None
             elif not isinstance(child, (nn.Conv2d, nn.AvgPool2d, nn.MaxPool2d, nn.ReLU, nn.Hardswish, nn.Identity)):
                 raise DeployError(f"features.{name} ({type(child).__name__}) has no deployment form")
             if pending_bn is not None:
-                self.features.add_module(f"{name}_norm", PreAct(pending_bn, "identity"))
+                self.features.add_module(f"{name}_norm", PreAct(pending_bn, "identity", form=preact))
                 pending_bn = None
             self.features.add_module(name, child)
         if pending_bn is not None:
-            self.features.add_module("norm", PreAct(pending_bn, "identity"))
+            self.features.add_module("norm", PreAct(pending_bn, "identity", form=preact))
         self.se_last = _deploy_se(getattr(model, "se_last", nn.Identity()))
         fc = getattr(model, "fc", nn.Identity())
         self.fc = fc if isinstance(fc, nn.Identity) else _dense_linear(fc)
@@ -300,11 +328,14 @@ class DeployModel(nn.Module):
         return {
             "cdnv2.deploy.runtime": self.runtime,
             "cdnv2.deploy.layer_forms": ",".join(self.forms),
+            "cdnv2.deploy.preact_form": self.preact,
             "cdnv2.deploy.summary": (
                 f"{len(self.forms)} dense layers as <LGC>/<3x3>; LGC: {lgc.count('dense')} dense 1x1 conv over all "
                 f"inputs, {lgc.count('grouped')} channel Gather + grouped 1x1 conv + Gather shuffle, the 3x3 unit's "
                 f"BN folded into it; 3x3: {c3.count('grouped')} grouped, {c3.count('dense')} dense over zeros; "
-                "SFR: dense 1x1 conv + Add; classifier: dense Linear"),
+                "SFR: dense 1x1 conv + Add; pre-activation BNs: "
+                + ("BatchNormalization" if self.preact == "bn" else "depthwise 1x1 conv (weight scale, bias shift)")
+                + "; classifier: dense Linear"),
         }
 
 
@@ -327,7 +358,7 @@ def layer_input_sizes(features: nn.Module, input_size) -> list[tuple[int, int]]:
 
 
 def build_deploy_model(model: nn.Module, runtime: str = "openvino", forms=None,
-                       input_size: tuple[int, int, int] = (3, 224, 224)) -> DeployModel:
+                       input_size: tuple[int, int, int] = (3, 224, 224), preact: str | None = None) -> DeployModel:
     """The deployment form of a compact (or fully condensed masked) model, for ``runtime``."""
     if not any(_is_compact_layer(m) for m in model.modules()):
         from ..compact import check_fully_condensed, convert_model
@@ -338,4 +369,4 @@ def build_deploy_model(model: nn.Module, runtime: str = "openvino", forms=None,
             raise DeployError(str(e)) from None
         model = convert_model(model, check=False)
     with torch.no_grad():
-        return DeployModel(model.eval(), runtime, forms, input_size)
+        return DeployModel(model.eval(), runtime, forms, input_size, preact)
