@@ -33,7 +33,7 @@ from cdnv2.deploy import export_onnx
 from cdnv2.deploy.runtime import openvino_op_profile, openvino_session, ort_session
 
 PEERS = {"cdnv2_a": "shufflenet_v2_x0_5", "cdnv2_b": "shufflenet_v2_x1_0", "cdnv2_c": "mobilenet_v2"}
-RUNTIMES = ("eager", "ort", "ov")
+RUNTIMES = ("eager", "ort", "ov", "ov-bf16")  # ov-bf16: OpenVINO's own default on CPUs with bfloat16
 
 
 def parse_args(argv=None):
@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="threads of every runtime (default: each one's own)")
     p.add_argument("--forms", nargs="+", default=["auto"], help="LGC forms of the compact export: auto dense grouped")
-    p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
+    p.add_argument("--runtimes", nargs="+", default=["eager", "ort", "ov"], choices=RUNTIMES,
+                   help="ov-bf16: OpenVINO at bfloat16 precision (its default on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--int8", action="store_true", help="add int8 rows (OpenVINO/NNCF and ORT, random calibration)")
     p.add_argument("--profile", action="store_true", help="print per-op profiles of the compact/masked files")
     return p.parse_args(argv)
@@ -105,6 +106,8 @@ def callables(files: dict, eager: dict, args) -> dict:
             fns[(label, "ort")] = ort_session(per_rt["ort"], args.threads, spin=False)
         if "ov" in args.runtimes:
             fns[(label, "ov")] = openvino_session(per_rt["ov"], args.threads)
+        if "ov-bf16" in args.runtimes:
+            fns[(label, "ov-bf16")] = openvino_session(per_rt["ov"], args.threads, precision="bf16")
     if "eager" in args.runtimes:
         for label, model in eager.items():
             fns[(label, "eager")] = lambda x, m=model: m(torch.from_numpy(x))
@@ -177,6 +180,19 @@ def _ort_profile(path: Path, x: np.ndarray, args, label: str) -> str:
     return f"ONNX Runtime per-op ms, {label}, batch {x.shape[0]}: total {sum(totals.values()):.1f}: {top}"
 
 
+def cpu_name() -> str:
+    """The CPU's model name and the instruction sets the runtimes' kernels care about."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+           if f in flags]
+    return f"{model} ({' '.join(isa)})"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -185,7 +201,7 @@ def main(argv=None) -> int:
     import openvino
 
     out = [f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}, "
-           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, threads "
+           f"{cpu_name()}, {os.cpu_count()} CPUs, threads "
            f"{args.threads or 'runtime default'}; fp32 unless int8, {args.size}x{args.size}, ms per batch, "
            f"median (min) of {args.repeats} warm round-robin runs; load average at start {os.getloadavg()[0]:.2f}", ""]
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():

@@ -104,6 +104,32 @@ def test_round_trip_matches_pytorch_at_batch_1_3_32(compact, tmp_path, runtime):
         assert ir.get_rt_info(["cdnv2", "deploy.layer_forms"]).astype(str) == c.metadata["cdnv2.deploy.layer_forms"]
 
 
+def test_every_conv_reads_its_weights_from_initializers(tmp_path):
+    """Untrained BNs fold to equal (zero) biases, which the exporter would share through
+    Identity nodes; onnxruntime's quantizer then leaves those biases fp32."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = cdnv2.condense_fully(cdnv2.create_model("cdnv2_tiny")).eval()
+    path = export_onnx(model, torch.randn(1, *SIZE), tmp_path / "fresh.onnx")
+    graph = onnx.load(str(path)).graph
+    inits = {t.name for t in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs and all(set(n.input[1:]) <= inits for n in convs)
+    assert not [n for n in graph.node if n.op_type == "Identity"]
+
+
+def test_int8_openvino_keeps_the_pre_activation_convs_fp32(compact, tmp_path):
+    import openvino as ov
+
+    from cdnv2.deploy.quantize import _per_channel_affines
+
+    path = export_onnx(compact, torch.randn(2, *SIZE), tmp_path / "ov.onnx", runtime="openvino")
+    deploy = build_deploy_model(compact, "openvino", input_size=SIZE)
+    names = _per_channel_affines(ov.Core().read_model(str(path)))
+    assert len(names) == sum(isinstance(m, PreAct) for m in deploy.modules()) > 0
+
+
 def test_batch_one_example_keeps_the_batch_axis_dynamic(compact, tmp_path):
     import onnx
     import onnxruntime as ort

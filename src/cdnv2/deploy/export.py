@@ -250,10 +250,34 @@ def _finish_onnx(path: Path, meta: dict[str, str]) -> None:
     if not dim.dim_param:
         raise ExportError(f"ONNX export of {path} fixed the batch axis to {dim.dim_value}; "
                           "this is a bug in the exporter path, please report it")
+    _inline_shared_initializers(m.graph)
     for key, value in meta.items():
         entry = m.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(m, str(path))
+
+
+def _inline_shared_initializers(graph) -> None:
+    """Give each ``Identity(initializer)`` its own copy of the tensor and drop the node.
+
+    The exporter stores equal weights once (say the zero biases of several convs) and feeds
+    the others through Identity nodes; a conv whose bias is not an initializer keeps an fp32
+    bias in onnxruntime's int8 graph and cannot be fused with it.
+    """
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[node.input[0]]),
+                                                             node.output[0]))
+        else:
+            keep.append(node)
+    if len(keep) < len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
 
 
 @contextlib.contextmanager
