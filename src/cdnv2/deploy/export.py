@@ -179,10 +179,10 @@ def check_torchscript(path: str | Path, model: nn.Module, inputs: list[torch.Ten
 
 
 # ----------------------------------------------------------------------------- ONNX
-def deploy_form(model: nn.Module, runtime: str, input_size: tuple[int, int, int]):
+def deploy_form(model: nn.Module, runtime: str, input_size: tuple[int, int, int], preact: str | None = None):
     """(module to export, metadata): the deployment form, or the model itself if it has none."""
     try:
-        deploy = build_deploy_model(model, runtime, input_size=input_size)
+        deploy = build_deploy_model(model, runtime, input_size=input_size, preact=preact)
     except DeployError as e:
         log.info("exporting %s as it is (no deployment form: %s)", type(model).__name__, e)
         return None, {"cdnv2.deploy.runtime": "none", "cdnv2.deploy.summary": f"traced as it is: {e}"}
@@ -190,17 +190,18 @@ def deploy_form(model: nn.Module, runtime: str, input_size: tuple[int, int, int]
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, runtime: str = "onnxruntime",
-                opset: int | None = None) -> Path:
+                opset: int | None = None, preact: str | None = None) -> Path:
     """Write the deployment form for ``runtime`` (inputs ``images``, outputs ``logits``).
 
     The batch axis is dynamic whatever ``example``'s batch size; the chosen layer forms
-    are in the file's metadata (``cdnv2.deploy.*``).
+    are in the file's metadata (``cdnv2.deploy.*``). ``preact`` overrides the runtime's
+    pre-activation BN form (:data:`cdnv2.deploy.graph.PREACT_FORMS`).
     """
     require_onnx()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = _batch_of_two(example)
-    deploy, meta = deploy_form(model, runtime, tuple(example.shape[1:]))
+    deploy, meta = deploy_form(model, runtime, tuple(example.shape[1:]), preact)
     if deploy is None:
         _export_dynamo(model, example, path, opset)
     else:

@@ -32,6 +32,7 @@ class Int8Result:
     int8_ms: float
     batch: int
     pytorch_top1: float | None = None  # the PyTorch compact model on the same images
+    agreement: float | None = None  # % of val images where int8 and fp32 predict the same class
 
     @property
     def speedup(self) -> float:
@@ -64,34 +65,56 @@ def val_batches(data) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(images.numpy().astype(np.float32), targets.numpy()) for images, targets in data.val_loader]
 
 
+def predictions(run, batches) -> np.ndarray:
+    return np.concatenate([np.asarray(run(x)).argmax(1) for x, _ in batches])
+
+
 def top1(run, batches) -> float:
-    correct = total = 0
-    for x, y in batches:
-        correct += int((np.asarray(run(x)).argmax(1) == y).sum())
-        total += len(y)
-    return 100.0 * correct / max(total, 1)
+    return _percent(predictions(run, batches) == _targets(batches))
+
+
+def _targets(batches) -> np.ndarray:
+    return np.concatenate([np.asarray(y) for _, y in batches])
+
+
+def _percent(hits: np.ndarray) -> float:
+    return 100.0 * float(hits.sum()) / max(len(hits), 1)
 
 
 # ----------------------------------------------------------------------------- quantizers
 def quantize_openvino_file(src: str | Path, dst: str | Path, calib: list[np.ndarray]) -> Path:
-    """NNCF static int8 of an OpenVINO IR or ONNX file -> IR ``dst`` (.xml)."""
+    """NNCF static int8 of an OpenVINO IR or ONNX file -> IR ``dst`` (.xml).
+
+    ``src`` must hold its pre-activation BNs as BatchNormalization (``export_onnx(...,
+    runtime="openvino", preact="bn")``), not as the fp32 OpenVINO graph's depthwise convs.
+    """
     import nncf
     import openvino as ov
 
+    from .graph import DeployError
+
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # one INFO paragraph per layer otherwise
     model = ov.Core().read_model(str(src))
-    dataset = nncf.Dataset(calib)
-    ignored = nncf.IgnoredScope(names=_per_channel_affines(model), validate=False)
-    quantized = nncf.quantize(model, dataset, subset_size=len(calib),  # items are batches
-                              preset=nncf.QuantizationPreset.PERFORMANCE, ignored_scope=ignored)
+    if _per_channel_affines(model):
+        raise DeployError(
+            f"{src} holds its pre-activation BNs as depthwise 1x1 convolutions (the fp32 OpenVINO form); "
+            "OpenVINO 2026.4 crashes compiling them quantized and loses accuracy with them left fp32 "
+            "on AVX512 CPUs: quantize the BatchNormalization form, export_onnx(model, example, path, "
+            "runtime='openvino', preact='bn')")
+    quantized = nncf.quantize(model, nncf.Dataset(calib), subset_size=len(calib),  # items are batches
+                              preset=nncf.QuantizationPreset.PERFORMANCE)
+    if Path(src).suffix == ".onnx":
+        from .export import onnx_metadata
+
+        for key, value in onnx_metadata(src).items():
+            quantized.set_rt_info(value, ["cdnv2", key.removeprefix("cdnv2.")])
     dst = Path(dst).with_suffix(".xml")
     ov.save_model(quantized, str(dst), compress_to_fp16=False)
     return dst
 
 
 def _per_channel_affines(model) -> list[str]:
-    """The depthwise 1x1 convolutions (pre-activation BNs in the OpenVINO graph): they stay
-    fp32. They are per-channel affine maps with nothing to gain from int8, and OpenVINO
-    2026.4's CPU plugin crashes (SIGSEGV) compiling them quantized on AVX512 CPUs."""
+    """Names of the depthwise 1x1 convolutions (the fp32 OpenVINO graph's pre-activation BNs)."""
     names = []
     for op in model.get_ops():
         if op.get_type_name() == "GroupConvolution":
@@ -129,11 +152,13 @@ def int8_path(path: str | Path) -> Path:
     return path.with_name(path.name.replace(path.suffix, "") + ".int8" + path.suffix)
 
 
-def quantize_file(fmt: str, path: str | Path, calib: list[np.ndarray]) -> Path:
+def quantize_file(fmt: str, path: str | Path, calib: list[np.ndarray], source: str | Path | None = None) -> Path:
+    """The int8 copy of the exported ``path`` beside it, quantized from ``source`` (default:
+    ``path`` itself; the OpenVINO copy needs the BatchNormalization form, see above)."""
     if fmt == "openvino":
-        return quantize_openvino_file(path, int8_path(path), calib)
+        return quantize_openvino_file(source or path, int8_path(path), calib)
     if fmt == "onnx":
-        return quantize_onnx_file(path, int8_path(path), calib)
+        return quantize_onnx_file(source or path, int8_path(path), calib)
     raise ValueError(f"no int8 path for format {fmt!r}")
 
 
@@ -157,14 +182,17 @@ def time_ms(runs: dict, x: np.ndarray, repeats: int = 5) -> dict[str, float]:
 
 
 def compare_int8(fmt: str, fp32_path: str | Path, calib: list[np.ndarray], val, *, batch: int = 32,
-                 repeats: int = 5) -> Int8Result:
-    """Quantize ``fp32_path``; top-1 of both on ``val`` batches and ms at ``batch`` in the same runtime."""
+                 repeats: int = 5, source: str | Path | None = None) -> Int8Result:
+    """Quantize ``fp32_path`` (from ``source``, see :func:`quantize_file`); top-1 of both on
+    ``val`` batches and ms at ``batch`` in the same runtime."""
     fp32_path = Path(fp32_path)
-    q_path = quantize_file(fmt, fp32_path, calib)
+    q_path = quantize_file(fmt, fp32_path, calib, source)
     runs = {"fp32": _session(fmt, fp32_path), "int8": _session(fmt, q_path)}
-    acc = {k: top1(run, val) for k, run in runs.items()}
+    pred = {k: predictions(run, val) for k, run in runs.items()}
+    targets = _targets(val)
     shape = calib[0].shape[1:]
     x = np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)
     ms = time_ms(runs, x, repeats)
-    return Int8Result(fmt, str(q_path), acc["fp32"], acc["int8"], sum(len(y) for _, y in val),
-                      ms["fp32"], ms["int8"], batch)
+    return Int8Result(fmt, str(q_path), _percent(pred["fp32"] == targets), _percent(pred["int8"] == targets),
+                      len(targets), ms["fp32"], ms["int8"], batch,
+                      agreement=_percent(pred["fp32"] == pred["int8"]))
