@@ -139,11 +139,17 @@ def quantize_onnx_file(src: str | Path, dst: str | Path, calib: list[np.ndarray]
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     name = onnx.load(str(src), load_external_data=False).graph.input[0].name
-    quantize_static(str(src), str(dst), _Reader(name, calib), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    calibrate_method=CalibrationMethod.MinMax,
-                    # the multiply-adds; a BatchNormalization stays fp32 between its Q/DQ pairs
-                    op_types_to_quantize=["Conv", "Gemm"])
+    root = logging.getLogger()  # the quantizer's advice goes to the root logger: keep it off the table
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        quantize_static(str(src), str(dst), _Reader(name, calib), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        # the multiply-adds; a BatchNormalization stays fp32 between its Q/DQ pairs
+                        op_types_to_quantize=["Conv", "Gemm"])
+    finally:
+        root.setLevel(level)
     return Path(dst)
 
 
