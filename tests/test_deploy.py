@@ -135,6 +135,12 @@ def test_openvino_int8_refuses_the_depthwise_pre_activation_form(compact, tmp_pa
     assert not (tmp_path / "ov.int8.xml").exists()
 
 
+def test_unknown_pre_activation_form_is_refused_not_traced_as_is(compact, tmp_path):
+    with pytest.raises(ExportError, match="preact='batchnorm'"):
+        export_onnx(compact, torch.randn(2, *SIZE), tmp_path / "x.onnx", preact="batchnorm")
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_batch_one_example_keeps_the_batch_axis_dynamic(compact, tmp_path):
     import onnx
     import onnxruntime as ort

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .graph import DeployError, build_deploy_model
+from .graph import PREACT_FORMS, DeployError, build_deploy_model
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, ru
     pre-activation BN form (:data:`cdnv2.deploy.graph.PREACT_FORMS`).
     """
     require_onnx()
+    if preact is not None and preact not in PREACT_FORMS:  # not a reason to fall back to tracing as it is
+        raise ExportError(f"preact={preact!r}: use one of {', '.join(PREACT_FORMS)} (or None: the runtime's own)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = _batch_of_two(example)

@@ -93,7 +93,6 @@ def quantize_openvino_file(src: str | Path, dst: str | Path, calib: list[np.ndar
 
     from .graph import DeployError
 
-    logging.getLogger("nncf").setLevel(logging.WARNING)  # one INFO paragraph per layer otherwise
     model = ov.Core().read_model(str(src))
     if _per_channel_affines(model):
         raise DeployError(
@@ -101,8 +100,14 @@ def quantize_openvino_file(src: str | Path, dst: str | Path, calib: list[np.ndar
             "OpenVINO 2026.4 crashes compiling them quantized and loses accuracy with them left fp32 "
             "on AVX512 CPUs: quantize the BatchNormalization form, export_onnx(model, example, path, "
             "runtime='openvino', preact='bn')")
-    quantized = nncf.quantize(model, nncf.Dataset(calib), subset_size=len(calib),  # items are batches
-                              preset=nncf.QuantizationPreset.PERFORMANCE)
+    nncf_log = logging.getLogger("nncf")  # one INFO paragraph per layer otherwise
+    level = nncf_log.level
+    nncf_log.setLevel(max(level, logging.WARNING))
+    try:
+        quantized = nncf.quantize(model, nncf.Dataset(calib), subset_size=len(calib),  # items are batches
+                                  preset=nncf.QuantizationPreset.PERFORMANCE)
+    finally:
+        nncf_log.setLevel(level)
     if Path(src).suffix == ".onnx":
         from .export import onnx_metadata
 

@@ -45,7 +45,7 @@ def openvino_session(path: str | Path, threads: int | None = None, perf_counts: 
 
     ``precision`` is the plugin's inference precision. f32 by default: on CPUs with
     AVX512-BF16 or AMX (Zen 4, Sapphire Rapids) OpenVINO otherwise computes in bfloat16,
-    about 1e-2 relative error, so a check against PyTorch would fail there and timings would
+    a few 1e-3 of the output scale off PyTorch, so a check against PyTorch would fail there and timings would
     not be fp32. ``"bf16"`` (or None: the plugin's default) is the faster deployment choice
     on such CPUs.
     """
