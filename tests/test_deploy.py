@@ -135,9 +135,11 @@ def test_openvino_int8_refuses_the_depthwise_pre_activation_form(compact, tmp_pa
     assert not (tmp_path / "ov.int8.xml").exists()
 
 
-def test_unknown_pre_activation_form_is_refused_not_traced_as_is(compact, tmp_path):
-    with pytest.raises(ExportError, match="preact='batchnorm'"):
-        export_onnx(compact, torch.randn(2, *SIZE), tmp_path / "x.onnx", preact="batchnorm")
+@pytest.mark.parametrize("bad", [{"preact": "batchnorm"}, {"runtime": "tensorrt"}])
+def test_unknown_graph_options_are_refused_not_traced_as_is(compact, tmp_path, bad):
+    (key, value), = bad.items()
+    with pytest.raises(ExportError, match=f"{key}='{value}'"):
+        export_onnx(compact, torch.randn(2, *SIZE), tmp_path / "x.onnx", **bad)
     assert not (tmp_path / "x.onnx").exists()
 
 
@@ -173,7 +175,7 @@ def test_missing_extra_names_the_install_command(monkeypatch):
 
 def test_int8_keeps_accuracy_on_the_quickstart_data(run_dir, tmp_path):
     """NNCF and onnxruntime int8 of a trained tiny model: top-1 within a few points of fp32."""
-    from cdnv2.deploy.quantize import calibration_images, compare_int8, val_batches
+    from cdnv2.deploy.quantize import calibration_images, compare_int8, openvino_int8_source, val_batches
 
     compact = cdnv2.load_model(run_dir / "model_compact.pt")
     data = build_data(DataConfig(**TINY_DATA), seed=0)
@@ -181,7 +183,7 @@ def test_int8_keeps_accuracy_on_the_quickstart_data(run_dir, tmp_path):
     assert sum(len(b) for b in calib) == 128 and calib[0].shape[1:] == SIZE
     val = val_batches(data)
     checks = export_and_check(compact, ["onnx", "openvino"], tmp_path / "tiny", SIZE)
-    bn_form = export_onnx(compact, torch.zeros(1, *SIZE), tmp_path / "bn.onnx", runtime="openvino", preact="bn")
+    bn_form = openvino_int8_source(compact, SIZE, tmp_path / "bn.onnx")
     for c in checks:
         source = bn_form if c.format == "openvino" else None
         r = compare_int8(c.format, c.path, calib, val, batch=8, repeats=1, source=source)
@@ -213,3 +215,23 @@ def test_quantize_without_an_export_is_refused(run_dir, tmp_path):
 
     r = cli("cdnv2-convert", f"checkpoint={run_dir / 'model_compact.pt'}", "quantize=int8")
     assert r.returncode == 2 and "add export=onnx" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_convert_refuses_bad_outputs_and_threads_up_front(run_dir, tmp_path):
+    """A compact artifact as input takes the same up-front checks as a training checkpoint."""
+    from helpers import cli
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("not a folder")
+    artifact = f"checkpoint={run_dir / 'model_compact.pt'}"
+    cases = {
+        f"out={tmp_path / 'folder'}": "is a folder",
+        f"out={tmp_path / 'm.onnx'}": "give it a .pt name",
+        f"out={tmp_path / 'afile' / 'm.pt'}": "is not writable",
+        "threads=-1": "threads=-1 must be >= 1",
+    }
+    for arg, message in cases.items():
+        r = cli("cdnv2-convert", artifact, arg, "export=onnx")
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (arg, r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]
+    assert not list((tmp_path / "folder").iterdir())

@@ -30,7 +30,7 @@ from ..checkpoint import Loaded, open_checkpoint, save_compact
 from ..compact import Structure, check_parity, convert_model
 from ..condense import condensing_layers
 from ..data import DataError
-from ..deploy import ExportError, export_and_check, export_onnx, formats_for, require
+from ..deploy import ExportError, export_and_check, formats_for, require
 from ..deploy.quantize import QUANTIZE
 from ..engine.run_dir import check_writable
 from ..errors import CheckpointError, ConfigError
@@ -105,6 +105,10 @@ def run(cfg: ConvertConfig) -> dict:
     formats = formats_for(cfg.export)
     require([f for f in formats if f in ("onnx", "openvino")])  # before any work
     _check_quantize(cfg, formats)
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads={cfg.threads} must be >= 1 (or leave it unset: torch's default)")
+    if cfg.out:
+        _check_out(Path(cfg.out).expanduser())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -126,7 +130,7 @@ def run(cfg: ConvertConfig) -> dict:
         out = Path(cfg.out).expanduser() if cfg.out else default_out(loaded.path)
         if out.resolve() == loaded.path.resolve():
             raise ConfigError(f"out={out} is the input checkpoint; choose another path")
-        check_writable(out.parent, "output folder", "choose another place with out=PATH")
+        _check_out(out)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(cfg.parity_samples, *size, generator=g)
         masked = loaded.model
@@ -178,6 +182,17 @@ def run(cfg: ConvertConfig) -> dict:
     return summary
 
 
+def _check_out(out: Path) -> None:
+    """``out=`` names the compact artifact (a .pt file); the exports are written beside it."""
+    if out.is_dir():
+        raise ConfigError(f"out={out} is a folder; give the artifact's file path, e.g. out={out / 'model.pt'}")
+    if out.suffix in (".onnx", ".xml", ".bin"):
+        raise ConfigError(f"out={out} names the PyTorch artifact, which the exports are written beside "
+                          f"({out.stem}.onnx, {out.stem}.xml, ...); give it a .pt name, e.g. "
+                          f"out={out.with_suffix('.pt')}")
+    check_writable(out.parent, "output folder", "choose another place with out=PATH")
+
+
 def _check_quantize(cfg: ConvertConfig, formats: list[str]) -> None:
     if cfg.quantize not in QUANTIZE:
         raise ConfigError(f"quantize={cfg.quantize!r}: use one of {', '.join(QUANTIZE)}")
@@ -199,7 +214,7 @@ def _check_quantize(cfg: ConvertConfig, formats: list[str]) -> None:
 def quantize_exports(checks, compact, loaded: Loaded, cfg: ConvertConfig) -> list:
     """int8 copies of the exported ONNX / OpenVINO files, calibrated on the run's training images."""
     from ..data import build_data
-    from ..deploy.quantize import calibration_images, compare_int8, top1, val_batches
+    from ..deploy.quantize import calibration_images, compare_int8, openvino_int8_source, top1, val_batches
     from .eval import resolve_data_config
 
     data_cfg, _ = resolve_data_config(loaded)
@@ -214,10 +229,8 @@ def quantize_exports(checks, compact, loaded: Loaded, cfg: ConvertConfig) -> lis
             if c.format not in ("onnx", "openvino"):
                 continue
             source = None
-            if c.format == "openvino":  # NNCF quantizes the BatchNormalization form (deploy/quantize.py)
-                example = torch.zeros(1, *calib[0].shape[1:])
-                source = export_onnx(compact, example, Path(tmp) / "int8-source.onnx", runtime="openvino",
-                                     preact="bn")
+            if c.format == "openvino":
+                source = openvino_int8_source(compact, calib[0].shape[1:], Path(tmp) / "int8-source.onnx")
             r = compare_int8(c.format, c.path, calib, val, batch=cfg.cost_batch, source=source)
             r.pytorch_top1 = torch_top1
             results.append(r)
