@@ -9,7 +9,7 @@ all alike), and the ratios from the same run. ``--int8`` adds the statically qua
 compact model (random calibration images: speed only; accuracy is cdnv2-convert's table).
 
     python scripts/bench_deploy.py --variants cdnv2_b                 # one variant (minutes)
-    python scripts/bench_deploy.py --variants cdnv2_b --forms dense grouped auto --batch 32
+    python scripts/bench_deploy.py --variants cdnv2_b --forms auto dense/grouped auto:bn --batch 32
     python scripts/bench_deploy.py --variants cdnv2_b --profile       # per-op profiles too
 """
 from __future__ import annotations
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="threads of every runtime (default: each one's own)")
-    p.add_argument("--forms", nargs="+", default=["auto"], help="LGC forms of the compact export: auto dense grouped")
+    p.add_argument("--forms", nargs="+", default=["auto"], help="forms of the compact export: auto, <lgc>/<3x3> (dense/grouped...), "
+                   "optionally :bn or :conv for the pre-activation form (auto:bn)")
     p.add_argument("--runtimes", nargs="+", default=["eager", "ort", "ov"], choices=RUNTIMES,
                    help="ov-bf16: OpenVINO at bfloat16 precision (its default on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--int8", action="store_true", help="add int8 rows (OpenVINO/NNCF and ORT, random calibration)")
@@ -76,27 +77,25 @@ def build_files(name: str, args, tmp: Path) -> tuple[dict, dict]:
     files, eager = {}, {"compact": compact, "masked": masked, peer_name: peer}
     for form in args.forms:
         label = "compact" if form == "auto" else f"compact[{form}]"
+        layer_forms, _, preact = form.partition(":")  # "dense/grouped:bn": forms, pre-activation form
         for rt, runtime in (("ort", "onnxruntime"), ("ov", "openvino")):
-            path = tmp / f"{name}-{form.replace('/', '-')}-{rt}.onnx"
-            if form == "auto":
-                export_onnx(compact, example, path, runtime=runtime)
-            else:
-                from cdnv2.deploy.graph import build_deploy_model
-                plain_onnx(build_deploy_model(compact, runtime, forms=form), path, args.size)
+            path = tmp / f"{name}-{form.replace('/', '-').replace(':', '-')}-{rt}.onnx"
+            export_onnx(compact, example, path, runtime=runtime, preact=preact or None,
+                        forms=None if layer_forms == "auto" else layer_forms)
             files.setdefault(label, {})[rt] = path
     for label, model in (("masked", masked), (peer_name, peer)):
         path = plain_onnx(model, tmp / f"{name}-{label}.onnx", args.size)
         files[label] = {"ort": path, "ov": path}
     if args.int8:
-        from cdnv2.deploy.quantize import quantize_onnx_file, quantize_openvino_file
+        from cdnv2.deploy.quantize import openvino_int8_source, quantize_onnx_file, quantize_openvino_file
 
         calib = [np.random.default_rng(i).standard_normal((8, 3, args.size, args.size), dtype=np.float32)
                  for i in range(4)]
         files["compact int8"] = {
             "ort": quantize_onnx_file(files["compact"]["ort"], tmp / f"{name}-int8.onnx", calib),
-            # NNCF quantizes the BatchNormalization form (cdnv2/deploy/quantize.py says why)
-            "ov": quantize_openvino_file(export_onnx(compact, example, tmp / f"{name}-int8-source.onnx",
-                                                     runtime="openvino", preact="bn"), tmp / f"{name}-int8.xml", calib),
+            "ov": quantize_openvino_file(
+                openvino_int8_source(compact, example.shape[1:], tmp / f"{name}-int8-src.onnx"),
+                tmp / f"{name}-int8.xml", calib),
         }
     return files, eager
 

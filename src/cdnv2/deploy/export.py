@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .graph import PREACT_FORMS, DeployError, build_deploy_model
+from .graph import PREACT_FORMS, RUNTIMES, DeployError, build_deploy_model
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +179,11 @@ def check_torchscript(path: str | Path, model: nn.Module, inputs: list[torch.Ten
 
 
 # ----------------------------------------------------------------------------- ONNX
-def deploy_form(model: nn.Module, runtime: str, input_size: tuple[int, int, int], preact: str | None = None):
+def deploy_form(model: nn.Module, runtime: str, input_size: tuple[int, int, int], preact: str | None = None,
+                forms=None):
     """(module to export, metadata): the deployment form, or the model itself if it has none."""
     try:
-        deploy = build_deploy_model(model, runtime, input_size=input_size, preact=preact)
+        deploy = build_deploy_model(model, runtime, forms, input_size=input_size, preact=preact)
     except DeployError as e:
         log.info("exporting %s as it is (no deployment form: %s)", type(model).__name__, e)
         return None, {"cdnv2.deploy.runtime": "none", "cdnv2.deploy.summary": f"traced as it is: {e}"}
@@ -190,20 +191,24 @@ def deploy_form(model: nn.Module, runtime: str, input_size: tuple[int, int, int]
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, runtime: str = "onnxruntime",
-                opset: int | None = None, preact: str | None = None) -> Path:
+                opset: int | None = None, preact: str | None = None, forms=None) -> Path:
     """Write the deployment form for ``runtime`` (inputs ``images``, outputs ``logits``).
 
     The batch axis is dynamic whatever ``example``'s batch size; the chosen layer forms
     are in the file's metadata (``cdnv2.deploy.*``). ``preact`` overrides the runtime's
-    pre-activation BN form (:data:`cdnv2.deploy.graph.PREACT_FORMS`).
+    pre-activation BN form (:data:`cdnv2.deploy.graph.PREACT_FORMS`), ``forms`` the
+    measured per-layer forms (one ``<lgc>/<3x3>`` for all layers, or a list).
     """
     require_onnx()
-    if preact is not None and preact not in PREACT_FORMS:  # not a reason to fall back to tracing as it is
+    # Mistakes, not reasons to fall back to tracing the model as it is:
+    if runtime not in RUNTIMES:
+        raise ExportError(f"runtime={runtime!r}: use one of {', '.join(RUNTIMES)}")
+    if preact is not None and preact not in PREACT_FORMS:
         raise ExportError(f"preact={preact!r}: use one of {', '.join(PREACT_FORMS)} (or None: the runtime's own)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = _batch_of_two(example)
-    deploy, meta = deploy_form(model, runtime, tuple(example.shape[1:]), preact)
+    deploy, meta = deploy_form(model, runtime, tuple(example.shape[1:]), preact, forms)
     if deploy is None:
         _export_dynamo(model, example, path, opset)
     else:

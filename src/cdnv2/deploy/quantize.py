@@ -118,6 +118,16 @@ def quantize_openvino_file(src: str | Path, dst: str | Path, calib: list[np.ndar
     return dst
 
 
+def openvino_int8_source(model, input_size: tuple[int, int, int], path: str | Path) -> Path:
+    """The ONNX file NNCF quantizes for OpenVINO: the OpenVINO deployment form with
+    BatchNormalization pre-activations (see :func:`quantize_openvino_file`)."""
+    import torch
+
+    from .export import export_onnx
+
+    return export_onnx(model, torch.zeros(1, *input_size), path, runtime="openvino", preact="bn")
+
+
 def _per_channel_affines(model) -> list[str]:
     """Names of the depthwise 1x1 convolutions (the fp32 OpenVINO graph's pre-activation BNs)."""
     names = []
