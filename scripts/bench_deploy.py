@@ -43,8 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="threads of every runtime (default: each one's own)")
-    p.add_argument("--forms", nargs="+", default=["auto"], help="forms of the compact export: auto, <lgc>/<3x3> (dense/grouped...), "
-                   "optionally :bn or :conv for the pre-activation form (auto:bn)")
+    p.add_argument("--forms", nargs="+", default=["auto"],
+                   help="forms of the compact export: auto or <lgc>/<3x3> (dense/grouped, ...), "
+                        "optionally with :bn or :conv, the pre-activation form (auto:bn)")
     p.add_argument("--runtimes", nargs="+", default=["eager", "ort", "ov"], choices=RUNTIMES,
                    help="ov-bf16: OpenVINO at bfloat16 precision (its default on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--int8", action="store_true", help="add int8 rows (OpenVINO/NNCF and ORT, random calibration)")
