@@ -20,8 +20,7 @@ from cdnv2.engine import train
 from cdnv2.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted
 
 from fault_injection import Crash, CrashAtStep, NanLossAtStep, SignalAtStep
-from helpers import BIN, QUICK, assert_same_state, callback, cli, command_env, load, run_like_cli
-from test_train import quick_config
+from helpers import BIN, QUICK, assert_same_state, callback, cli, command_env, load, quick_config, run_like_cli
 
 
 @pytest.fixture(scope="module")

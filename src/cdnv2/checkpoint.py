@@ -4,8 +4,10 @@ A cdnv2 checkpoint is a plain dict of tensors and primitives (``torch.load(weigh
 True)`` reads it) with ``format="cdnv2"``, a :class:`Kind` and the model's
 :class:`~cdnv2.compact.Structure`, so the file alone rebuilds its model:
 
-- ``kind="train"``: written by the trainer every epoch (model, EMA, optimizer, RNG,
-  progress, the run's config); resumable.
+- ``kind="train"``: written by the trainer every epoch; resumable. Its keys are
+  :data:`TRAIN_RUN_KEYS` (the run: model, classes, config, identity) and
+  :data:`TRAIN_STATE_KEYS` (a :class:`cdnv2.engine.state.TrainState`: model, EMA,
+  optimizer, RNG, progress), in version :data:`TRAIN_VERSION`.
 - ``kind="compact"``: the compact inference artifact (:func:`save_compact`).
 
 Official CondenseNetV2 release files (``kind`` "official" once read) are foreign: they are
@@ -64,6 +66,40 @@ _REQUIRED = {
     Kind.TRAIN: ("format", "kind", "model_name", "model_kwargs", "structure", "model_state", "ema_state"),
     Kind.COMPACT: ("format", "kind", "version", "model_name", "model_kwargs", "structure", "model_state"),
 }
+
+# kind="train", version TRAIN_VERSION: the run it belongs to (checked on resume, read by the
+# commands; nothing of it is restored) ...
+TRAIN_VERSION = 1
+TRAIN_RUN_KEYS = (
+    "model_name", "model_kwargs", "class_names", "preprocess", "data_name", "config", "run_identity",
+    "total_steps",
+)
+# ... and its cdnv2.engine.state.TrainState (state_dict() writes these, a resume restores them).
+TRAIN_STATE_KEYS = (
+    "structure", "model_state", "ema_state", "ema_updates", "optimizer", "scaler", "step", "epoch",
+    "batch_in_epoch", "best_top1", "bad_steps", "train_seconds", "rng", "metrics",
+)
+
+
+def train_checkpoint(run: dict, state: dict) -> dict:
+    """A ``kind="train"`` file's dict: the run's ``TRAIN_RUN_KEYS`` and a TrainState's keys."""
+    return {"format": FORMAT, "kind": Kind.TRAIN.value, "version": TRAIN_VERSION, **run, **state}
+
+
+def check_resumable(obj: dict, where: str) -> None:
+    """A validated training checkpoint holds everything a resume restores, in a known version."""
+    version = obj.get("version", TRAIN_VERSION)
+    if not isinstance(version, int) or version > TRAIN_VERSION:
+        raise CheckpointError(
+            f"{where}: training checkpoint version {version!r} is newer than this cdnv2 reads "
+            f"({TRAIN_VERSION}); resume it with the cdnv2 that wrote it, or start afresh with resume=never"
+        )
+    missing = [k for k in TRAIN_RUN_KEYS + TRAIN_STATE_KEYS if k not in obj]
+    if missing:
+        raise CheckpointError(
+            f"{where}: training checkpoint lacks key(s) {', '.join(missing)} and cannot be resumed; "
+            "its weights still load with cdnv2-eval / cdnv2.load_model, or start afresh with resume=never"
+        )
 
 
 # ============================================================================= writing

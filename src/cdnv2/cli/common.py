@@ -106,7 +106,9 @@ def check_command_line(config_name: str, argv: list[str]) -> Optional[str]:
     A sweep (``-m key=a,b``) is checked value by value; ranges a sweeper samples
     (``interval(...)``) are left to the sweeper.
     """
-    from hydra._internal.utils import get_args_parser  # the parser @hydra.main itself uses
+    # Hydra has no public parser for its command line; this is the one @hydra.main uses,
+    # so the flags (-m, --cfg, --help ...) are read exactly as the command will read them.
+    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args, _ = get_args_parser().parse_known_args(argv)

@@ -31,7 +31,7 @@ from ..compact import Structure, convert_model
 from ..condense import condensing_layers
 from ..data import DataConfig, build_data
 from ..engine.logger import Progress
-from ..engine.runtime import configure_runtime, deterministic_mode, resolve_device
+from ..engine.runtime import AUTOCAST_DTYPES, configure_runtime, deterministic_mode, resolve_device
 from ..errors import ConfigError
 from ..evaluate import evaluate
 from .common import make_main, run_user_command
@@ -39,7 +39,6 @@ from ..tables import format_grid, format_table
 
 PROG = "cdnv2-eval"
 PREPROCESS_KEYS = ("image_size", "eval_resize", "interpolation", "mean", "std")
-_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 log = logging.getLogger("cdnv2")
 
@@ -122,10 +121,10 @@ def resolve_data_config(
 
 def _eval_settings(cfg: EvalConfig, loaded: Loaded, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
     amp = cfg.amp if cfg.amp is not None else loaded.trainer.get("amp", "none")
-    if amp not in _AMP:
-        raise ConfigError(f"amp={amp!r}: use one of {', '.join(_AMP)}")
+    if amp not in AUTOCAST_DTYPES:
+        raise ConfigError(f"amp={amp!r}: use one of {', '.join(AUTOCAST_DTYPES)}")
     channels_last = cfg.channels_last if cfg.channels_last is not None else bool(loaded.trainer.get("channels_last"))
-    return (_AMP[amp] if device.type == "cuda" else None), channels_last
+    return (AUTOCAST_DTYPES[amp] if device.type == "cuda" else None), channels_last
 
 
 def configure_for(cfg: EvalConfig, loaded: Loaded) -> str:

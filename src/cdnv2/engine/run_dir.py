@@ -247,13 +247,10 @@ def _reopen_file_logs(folder: Path) -> None:
     for logger in [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]:
         for handler in getattr(logger, "handlers", []):
             if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder:
-                handler.acquire()
-                try:
-                    if handler.stream is not None:
-                        handler.stream.close()
-                    handler.stream = handler._open()
-                finally:
-                    handler.release()
+                stream = open(handler.baseFilename, handler.mode, encoding=handler.encoding, errors=handler.errors)
+                old = handler.setStream(stream)  # flushes the old stream under the handler's lock
+                if old is not None:
+                    old.close()
 
 
 def is_primary_process() -> bool:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from ..condense import LASSO_LAYERS, condensing_layers, layer_kind
+from ..condense import LASSO_LAYERS, condensing_layers, fractions_ok, layer_kind
 from ..data import DataError, check_data_config
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model, is_model, unknown_model_message
@@ -194,7 +194,8 @@ _RULES: tuple = (
     _Range("sched.warmup_start_factor", lambda v: 0 <= v <= 1, "in [0, 1] (the warmup's first lr as a "
            "fraction of the peak)"),
     _Range("sched.min_lr", lambda v: v >= 0, ">= 0"),
-    _Range("condense.end_fraction", lambda v: 0 < v < 1, "in (0, 1): the fraction of training after "
+    # its even spread obeys the fractions' rule exactly when end_fraction itself does
+    _Range("condense.end_fraction", lambda v: fractions_ok([v]), "in (0, 1): the fraction of training after "
            "which all pruning is done (the paper: 0.5)"),
     _Range("condense.lasso_lambda", lambda v: v >= 0, ">= 0 (0: group lasso off)"),
     _Choice("condense.lasso_layers", LASSO_LAYERS),
@@ -332,7 +333,7 @@ def _check_fractions(key: str, values: Optional[list], steps: Optional[int], mod
             f"Remove the override ({key}=null)."
         )
     example = [round(s / (2 * steps), 4) for s in range(1, steps + 1)]
-    if len(values) != steps or not all(0 < v < 1 for v in values) or list(values) != sorted(set(values)):
+    if len(values) != steps or not fractions_ok(list(values)):
         raise ConfigError(
             f"{key}={_show(values)} does not fit model={model}: its {kind} layers condense in {steps} "
             f"step(s), so give {steps} strictly increasing fraction(s) of training in (0, 1), e.g. "
