@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .compact.fold import dense_blocks
 from .errors import UserError
 from .layers import LearnedGroupConv, SparseFeatureReactivation
 
@@ -115,24 +116,14 @@ class BlockConnectivity:
         }
 
 
-def _dense_blocks(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
-    """(name, layers) of every dense block: a module whose children all have ``conv_1``."""
-    blocks = []
-    for name, m in model.named_modules():
-        children = list(m.children())
-        if children and all(hasattr(c, "conv_1") for c in children):
-            blocks.append((name, children))
-    return blocks
-
-
 def block_connectivity(model: nn.Module, reduce: str = "any") -> list[BlockConnectivity]:
     """Connectivity matrices of every dense block of a CondenseNet(V2), masked or compact."""
     result = []
-    for name, layers in _dense_blocks(model):
+    for name, layers in dense_blocks(model):
         lgc = [lgc_group_mask(layer.conv_1) for layer in layers]
         if any(m is None for m in lgc):
             continue  # not a learned-group-conv block
-        sfr = [sfr_group_mask(getattr(layer, "sfr", None)) for layer in layers]
+        sfr = [sfr_group_mask(layer.sfr) for layer in layers]
         block_in = lgc[0].shape[1]
         growth = lgc[1].shape[1] - block_in if len(lgc) > 1 else _growth(layers[0])
         result.append(BlockConnectivity(
@@ -149,8 +140,7 @@ def block_connectivity(model: nn.Module, reduce: str = "any") -> list[BlockConne
 
 
 def _growth(layer: nn.Module) -> int:
-    conv = getattr(getattr(layer, "conv_2", None), "conv", None)
-    return int(conv.out_channels) if conv is not None else 0
+    return int(layer.conv_2.conv.out_channels)
 
 
 def read_metrics(path: str | Path) -> dict[str, tuple[list[int], list[float]]]:

@@ -52,14 +52,21 @@ class CompactDenseLayer(_Fused, nn.Module):
     """Inference dense layer: compact LGC -> 3x3 -> [SE] -> [compact SFR]; concat.
 
     The same math as :class:`~cdnv2.models.DenseLayer` with compact 1x1 layers. Child
-    names match the masked layer, so state-dict keys differ only inside LGC/SFR.
+    names match the masked layer, so state-dict keys differ only inside LGC/SFR; it
+    satisfies :class:`~cdnv2.compact.fold.DenseLayerLike`.
+
+    ``fast_modes`` forces kernel choices of the eager fused path (keys ``"lgc"``:
+    ``"dense"`` | ``"grouped"``, ``"sfr"``: ``"dense"`` | ``"grouped"``, ``"conv3"``:
+    ``"depthwise"`` | ``"conv"``); a missing key takes the measured default.
     """
 
-    def __init__(self, conv_1: CompactLGC, conv_2: PreActConv, se: nn.Module, sfr: CompactSFR | None):
+    def __init__(self, conv_1: CompactLGC, conv_2: PreActConv, se: nn.Module, sfr: CompactSFR | None, *,
+                 fast_modes: dict[str, str] | None = None):
         super().__init__()
         self.conv_1, self.conv_2, self.se, self.sfr = conv_1, conv_2, se, sfr
         self.in_channels = conv_1.in_channels
         self.growth = conv_2.conv.out_channels
+        self.fast_modes: dict[str, str] = dict(fast_modes or {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fused_ok(self):
@@ -103,8 +110,8 @@ class CompactFeatures(_Fused, nn.Sequential):
         pool, flip = False, 0
         for i, m in enumerate(children):
             nxt = children[i + 1] if i + 1 < len(children) else None
-            if is_pool2(m) and isinstance(nxt, CompactDenseBlock):
-                pool = True  # fused into the next block's buffer
+            if is_pool2(m) and isinstance(nxt, CompactDenseBlock) and _all_fusable(nxt):
+                pool = True  # fused into the next block's buffer (the branch below)
                 continue
             if isinstance(m, CompactDenseBlock) and _all_fusable(m):
                 # A buffer that only feeds a transition or a BN may live in the workspace;
@@ -115,7 +122,5 @@ class CompactFeatures(_Fused, nn.Sequential):
                     out = m(F.avg_pool2d(x, 2) if pool else x)
                 x, pool, flip = out, False, 1 - flip
                 continue
-            if pool:  # not reached: a fused pool is always followed by a block
-                x, pool = F.avg_pool2d(x, 2), False
             x = m(x)
         return x
