@@ -96,7 +96,7 @@ def evil_checkpoints(tmp_path_factory):
     paths = []
     for name in ("checkpoints/last.pt", "model_compact.pt"):
         obj = torch.load(tmp / "run" / name, weights_only=True)
-        data = {"name": "cifar10", "root": str(root)}
+        data = {"name": "cifar10", "root": str(root), "download": True}
         if "config" in obj:
             obj["config"]["data"].update(data)
         else:
@@ -106,7 +106,7 @@ def evil_checkpoints(tmp_path_factory):
     return marker, root, paths
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["last.pt", "model_compact.pt"])
+@pytest.mark.parametrize("which", [0, pytest.param(1, marks=pytest.mark.slow)], ids=["last.pt", "model_compact.pt"])
 def test_eval_of_a_checkpoint_recording_a_malicious_data_folder(evil_checkpoints, tmp_path, which):
     marker, root, paths = evil_checkpoints
     r = cli("cdnv2-eval", f"checkpoint={paths[which]}", f"out={tmp_path}", "progress=none")
@@ -116,6 +116,18 @@ def test_eval_of_a_checkpoint_recording_a_malicious_data_folder(evil_checkpoints
     assert not marker.exists()
 
 
+def test_a_recorded_data_config_never_downloads(evil_checkpoints):
+    from cdnv2.checkpoint import open_checkpoint
+    from cdnv2.cli.eval import resolve_data_config
+
+    _, root, paths = evil_checkpoints
+    cfg, source = resolve_data_config(open_checkpoint(paths[0]))
+    assert (cfg.name, cfg.root, cfg.download, source) == ("cifar10", str(root), False, "checkpoint")
+    cfg, _ = resolve_data_config(open_checkpoint(paths[0]), overrides={"download": True})
+    assert cfg.download  # the user asked on the command line
+
+
+@pytest.mark.slow
 def test_int8_calibration_on_a_malicious_recorded_data_folder(evil_checkpoints, tmp_path):
     pytest.importorskip("onnxruntime")
     marker, root, paths = evil_checkpoints
