@@ -38,6 +38,7 @@ from .config import (
     SCHEDULES,
     TrainConfig,
 )
+from .distributed import distributed_env
 from .init_from import check_init_config
 from .optim import resolve_lr
 from .runtime import MODES as DETERMINISTIC_MODES
@@ -54,6 +55,7 @@ def validate_config(cfg: TrainConfig) -> None:
     except DataError as e:
         raise ConfigError(str(e)) from None
     _check_device(cfg)
+    distributed_env()  # a partial torchrun environment: exit 2 before the run dir exists
     _check_schedule(cfg)
     facts = model_facts(cfg.model.name, cfg.model.overrides())
     _check_image_size(cfg, facts)
