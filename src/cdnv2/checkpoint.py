@@ -93,13 +93,30 @@ def atomic_save(obj: Any, path: str | Path, *, keep_previous_as: str | None = No
             os.close(dir_fd)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(
-                f"could not write checkpoint {path}: {e.strerror or e}. The previous checkpoint "
-                "in that folder is intact; free disk space (or fix permissions) and re-run the "
-                "same command to resume."
-            ) from e
-        raise
+        why = _write_failure(e)
+        if why is None:
+            raise
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {why}. The previous checkpoint in that folder is "
+            "intact; free disk space, raise the file size limit (ulimit -f) or fix permissions, "
+            "and re-run the same command to resume."
+        ) from e
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """Why writing failed when the file system refused it: an OSError, or torch's writer's
+    ``RuntimeError`` ("[enforce fail at inline_container.cc...]"), which carries the
+    OSError it hit as its context when it has one. None: not a write failure (a bug)."""
+    seen, depth = e, 0
+    while seen is not None and depth < 8:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        seen, depth = seen.__cause__ or seen.__context__, depth + 1
+    text = str(e)
+    if isinstance(e, RuntimeError) and re.search(r"inline_container|PytorchStreamWriter|file write failed", text):
+        first = (text.strip().splitlines() or [""])[0][:200]
+        return f"the file could not be written completely ({first})"
+    return None
 
 
 def save_rotating(obj: Any, path: str | Path) -> None:
@@ -326,8 +343,9 @@ def _build_model(obj: dict, where: str, weights: str) -> tuple[nn.Module, str]:
         state, used = obj["ema_state"], "ema"
     try:
         model = create_model(obj["model_name"], **dict(obj["model_kwargs"] or {}))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{where}: cannot build model {obj['model_name']!r}: {e}") from None
+    except (ValueError, TypeError, RuntimeError, OverflowError) as e:  # torch's C++ errors add frames
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{where}: cannot build model {obj['model_name']!r}: {first}") from None
     if obj["structure"] != Structure.MASKED:
         restructure_for_state_dict(model, state)
     try:

@@ -42,7 +42,7 @@ from .resume import (
     check_compatible, check_identity, checkpoint_state, checkpoint_to_resume, restore, run_identity, start_afresh,
 )
 from .runtime import resolve_compact_training, resolve_device
-from .validation import validate_config
+from .validation import first_line, validate_config
 
 _AMP = dict(zip(AMP_MODES, (None, torch.bfloat16, torch.float16)))
 
@@ -100,8 +100,8 @@ class Trainer:
             torch.manual_seed(cfg.seed)
             try:
                 self.model = create_model(cfg.model.name, num_classes=self.data.num_classes, **cfg.model.overrides())
-            except (ValueError, TypeError) as e:
-                raise ConfigError(f"model {cfg.model.name!r}: {e}") from None
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise ConfigError(f"model {cfg.model.name!r}: {first_line(e)}") from None
         self.init_report = self._init_weights() if cfg.init else None
         self.model.to(self.device)
         if cfg.trainer.channels_last:
