@@ -30,8 +30,8 @@ test: install
 	$(PY) -m pytest -q $(DEPLOY_TESTS)
 
 test-all: install
-	$(PY) -m pytest -q -m '' --ignore=$(DEPLOY_TESTS)
-	$(PY) -m pytest -q -m '' $(DEPLOY_TESTS)
+	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q -m '' --ignore=$(DEPLOY_TESTS)
+	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q -m '' $(DEPLOY_TESTS)
 
 bench: install
 	$(PY) scripts/bench_convert.py

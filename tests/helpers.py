@@ -3,13 +3,16 @@ configs and models; official release layouts built from our models."""
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
+import struct
 import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -220,3 +223,61 @@ def converted_layout(model, prefix=""):
         for leaf, value in conv.items():
             out[f"{prefix}{name}.{leaf}"] = value
     return out
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle wrote the CIFAR python batches: protocol 2, byte
+    strings as (SHORT_)BINSTRING and numpy under its old name ``numpy.core``."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj) -> None:
+        data = obj if isinstance(obj, bytes) else obj.encode("latin1")
+        head = pickle.SHORT_BINSTRING + bytes([len(data)]) if len(data) < 256 else (
+            pickle.BINSTRING + struct.pack("<i", len(data)))
+        self.write(head + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+    dispatch[str] = save_py2_str
+
+    def save_global(self, obj, name=None) -> None:
+        module = obj.__module__.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+
+def dump_like_python2(obj, path) -> None:
+    """Write ``obj`` to ``path`` the way the original CIFAR batches were written."""
+    with open(path, "wb") as f:
+        _Python2Pickler(f, protocol=2).dump(obj)
+
+
+def write_cifar10(root, n: int = 12, dump=dump_like_python2, evil=None) -> Path:
+    """A tiny ``cifar-10-batches-py`` under ``root`` with the originals' keys; ``evil``
+    (an object) is stored beside the images of every batch."""
+    rng = np.random.default_rng(0)
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"batch_label": f"{part} of 6".encode(), b"labels": [int(v) for v in rng.integers(0, 10, n)],
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+        }
+        if evil is not None:
+            batch[b"extra"] = evil
+        dump(batch, folder / part)
+    dump({b"label_names": [f"c10_{i}".encode() for i in range(10)], b"num_cases_per_batch": n, b"num_vis": 3072},
+         folder / "batches.meta")
+    return Path(root)
+
+
+class TouchOnUnpickle:
+    """Unpickling this creates ``marker``: what a malicious data file would do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

@@ -90,6 +90,7 @@ def resolve_data_config(
         base, source = dataclasses.asdict(data), f"command line (data={data.name})"
     elif loaded.data_config is not None:
         base, source = _known_fields(loaded.data_config), "checkpoint"
+        base["download"] = False  # a downloaded file never makes a command fetch into a folder it names
     else:
         what = {"compact": "this compact artifact", "official": "an official release file"}.get(
             loaded.kind, "this checkpoint"

@@ -123,7 +123,12 @@ def one_line(text: str, limit: int = 300) -> str:
 
 
 def _is_main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    from ..engine.distributed import distributed_env
+
+    try:
+        return distributed_env().is_main
+    except UserError:  # the job fails on it (the trainer says why); its record is still written
+        return True
 
 
 def _finished_before(run_dir: Path, overrides: list[str]) -> dict | None:

@@ -30,7 +30,7 @@ from .. import checkpoint as ckpt
 from . import run_dir as rundir
 from .callbacks import Callback
 from .config import TrainConfig
-from .distributed import all_reduce_sum, any_rank_each, barrier, cleanup, init_distributed
+from .distributed import all_reduce_sum, any_rank_each, barrier, cleanup, distributed_env, init_distributed
 from .finalize import (
     convert_and_eval, has_report, masked_report, masks_identical, read_report, summary_table, write_report,
 )
@@ -69,6 +69,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # this rank's GPU (NCCL and DDP use the current device)
         self.is_main = self.dist.is_main
+        if run is not None and run.primary != self.is_main:
+            raise RuntimeError(f"rank {self.dist.rank} was given a run dir opened with primary={run.primary}")
         # Rank 0 locks the folder (one run per folder) before reading anything in it.
         self._owns_run = run is None
         self.run = run if run is not None else rundir.RunDir(self.run_dir, primary=self.is_main)
@@ -98,8 +100,8 @@ class Trainer:
             torch.manual_seed(cfg.seed)
             try:
                 model = create_model(cfg.model.name, num_classes=self.data.num_classes, **cfg.model.overrides())
-            except (ValueError, TypeError) as e:
-                raise ConfigError(f"model {cfg.model.name!r}: {e}") from None
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise ConfigError(f"model {cfg.model.name!r}: {first_line(e)}") from None
         self.init_report = self._init_weights(model) if cfg.init else None
         model.to(self.device)
         if cfg.trainer.channels_last:
@@ -562,5 +564,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, callbacks: Iterable[Callback] =
     :mod:`cdnv2.engine.run_dir` for resume, identity and never-overwrite rules.
     """
     validate_config(cfg)  # before the run directory is made
-    with rundir.RunDir(run_dir, primary=rundir.is_primary_process()) as run:
+    # The process that acts as the main one (Trainer.is_main, from the same validated
+    # environment) is the one that locks: a non-main rank never writes into the folder.
+    with rundir.RunDir(run_dir, primary=distributed_env().is_main) as run:
         return Trainer(cfg, run_dir, callbacks, run=run).fit()

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..condense import LASSO_LAYERS, condensing_layers, fractions_ok, layer_kind
 from ..data import DataError, check_data_config
+from ..data.config import memory_bytes
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model, is_model, unknown_model_message
 from .config import (
@@ -38,6 +39,7 @@ from .config import (
     SCHEDULES,
     TrainConfig,
 )
+from .distributed import distributed_env
 from .init_from import check_init_config
 from .optim import resolve_lr
 from .runtime import MODES as DETERMINISTIC_MODES
@@ -54,9 +56,11 @@ def validate_config(cfg: TrainConfig) -> None:
     except DataError as e:
         raise ConfigError(str(e)) from None
     _check_device(cfg)
+    distributed_env()  # a partial torchrun environment: exit 2 before the run dir exists
     _check_schedule(cfg)
     facts = model_facts(cfg.model.name, cfg.model.overrides())
     _check_image_size(cfg, facts)
+    _check_model_size(cfg, facts)
     _check_condense(cfg, facts)
     _check_resume(cfg)
     check_init_config(cfg.init, cfg.init_weights)
@@ -275,6 +279,7 @@ class ModelFacts:
 
     downsampling: int  # input pixels per pixel of the last feature map
     condense_steps: dict  # layer kind ("lgc", "sfr", "classifier") -> condensation steps
+    parameters: int = 0  # weights and buffers (elements)
 
 
 def model_facts(name: str, overrides: dict) -> ModelFacts:
@@ -294,10 +299,10 @@ def _model_facts(name: str, overrides_json: str) -> ModelFacts:
     try:
         with torch.device("meta"):
             model = create_model(name, **overrides)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, OverflowError) as e:
         given = ", ".join(f"model.{k}={_show(v)}" for k, v in overrides.items())
         raise ConfigError(
-            f"model={name} cannot be built with {given}: {e}. Choose values that fit together (the "
+            f"model={name} cannot be built with {given}: {first_line(e)}. Choose values that fit together (the "
             "condense factors must divide the layer widths), or drop the override(s) to use the "
             "variant's own values."
         ) from None
@@ -310,7 +315,25 @@ def _model_facts(name: str, overrides_json: str) -> ModelFacts:
     steps: dict[str, int] = {}
     for _, layer in condensing_layers(model):
         steps[layer_kind(layer)] = max(steps.get(layer_kind(layer), 0), layer.num_steps)
-    return ModelFacts(downsampling, steps)
+    elements = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    return ModelFacts(downsampling, steps, elements)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message: torch's C++ errors append their stack frames."""
+    return (str(e).strip().splitlines() or [""])[0].strip().rstrip(".:")[:300]
+
+
+def _check_model_size(cfg: TrainConfig, facts: ModelFacts) -> None:
+    memory = memory_bytes()
+    # float32 weights, their gradients, optimizer state and the EMA copy: ~4 copies.
+    need = 4 * 4 * facts.parameters
+    if memory is not None and need > memory:
+        given = ", ".join(f"model.{k}={_show(v)}" for k, v in cfg.model.overrides().items()) or "its defaults"
+        raise ConfigError(
+            f"model={cfg.model.name} with {given} has {facts.parameters:,} weights: training it needs about "
+            f"{need / 2**30:,.0f} GiB, and this machine has {memory / 2**30:,.0f} GiB. Choose smaller values."
+        )
 
 
 def _check_image_size(cfg: TrainConfig, facts: ModelFacts) -> None:
