@@ -123,14 +123,14 @@ class KillDuringSave(Callback):
 
 
 class FailWrite(Callback):
-    """Make the write of checkpoint ``name`` fail with ``OSError(ENOSPC)`` (a full disk)
+    """Make the write of checkpoint ``file`` fail with ``OSError(ENOSPC)`` (a full disk)
     once the trainer has counted epoch ``epoch``; every other write goes through.
 
     Wraps ``torch.save`` for the rest of the run; :meth:`undo` (or the run's end) puts it back.
     """
 
-    def __init__(self, name: str = "best.pt", epoch: int = 1):
-        self.name, self.epoch = name, epoch
+    def __init__(self, file: str = "best.pt", epoch: int = 1):
+        self.file, self.epoch = file, epoch
         self._real = None
 
     def on_fit_start(self, trainer) -> None:
@@ -138,7 +138,7 @@ class FailWrite(Callback):
 
         def save(obj, f, *args, **kwargs):
             target = Path(getattr(f, "name", f)).name
-            if trainer.epoch == self.epoch and target != self.name and self.name in target:
+            if trainer.epoch == self.epoch and target != self.file and self.file in target:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return real(obj, f, *args, **kwargs)
 
@@ -153,11 +153,11 @@ class FailWrite(Callback):
 
 
 class KillAfterWrite(Callback):
-    """SIGKILL this process right after checkpoint ``name`` of epoch ``epoch`` is in place
+    """SIGKILL this process right after checkpoint ``file`` of epoch ``epoch`` is in place
     (before the trainer writes anything else)."""
 
-    def __init__(self, name: str = "best.pt", epoch: int = 1):
-        self.name, self.epoch = name, epoch
+    def __init__(self, file: str = "best.pt", epoch: int = 1):
+        self.file, self.epoch = file, epoch
 
     def on_fit_start(self, trainer) -> None:
         from cdnv2 import checkpoint
@@ -166,7 +166,7 @@ class KillAfterWrite(Callback):
 
         def atomic_save(obj, path, *args, **kwargs):
             real(obj, path, *args, **kwargs)
-            if Path(path).name == self.name and trainer.epoch == self.epoch:
+            if Path(path).name == self.file and trainer.epoch == self.epoch:
                 self.die()
 
         checkpoint.atomic_save = atomic_save

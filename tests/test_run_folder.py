@@ -83,6 +83,7 @@ def _with_identity(src: Path, dst: Path, **changes) -> None:
         torch.save(state, dst / "checkpoints" / name)
 
 
+@pytest.mark.slow  # five real commands (~40 s)
 def test_refused_and_failed_commands_leave_the_folder_as_it_was(tmp_path, finished):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
@@ -152,17 +153,19 @@ def test_other_commands_never_replace_a_runs_files(tmp_path, finished):
     assert _tree(run, skip=(LOCK_NAME,)) == before
 
 
-@pytest.mark.parametrize("fault", ["full disk writing best.pt", "killed after last.pt"])
+@pytest.mark.parametrize("fault", [
+    "full disk writing best.pt", pytest.param("killed after last.pt", marks=pytest.mark.slow),
+])
 def test_best_and_last_agree_after_a_failed_write(tmp_path, finished, fault):
     """The re-run ends with the best.pt and best_top1 of an uninterrupted run."""
     ref = load(finished / "checkpoints" / "best.pt")
     epoch = ref["epoch"]
     run = tmp_path / "run"
     if fault.startswith("full disk"):
-        r = _train(run, callback("fault", "FailWrite", name="best.pt", epoch=epoch))
+        r = _train(run, callback("fault", "FailWrite", file="best.pt", epoch=epoch))
         assert r.returncode == 2 and "No space left on device" in r.stderr, r.stderr[-2000:]
     else:
-        r = _train(run, callback("fault", "KillAfterWrite", name="last.pt", epoch=epoch))
+        r = _train(run, callback("fault", "KillAfterWrite", file="last.pt", epoch=epoch))
         assert r.returncode == -9, r.stderr[-2000:]
     r = _train(run)
     assert r.returncode == 0, r.stderr[-2000:]
