@@ -32,7 +32,7 @@ from ..condense import condensing_layers
 from ..data import DataError
 from ..deploy import ExportError, export_and_check, formats_for, require
 from ..deploy.quantize import QUANTIZE
-from ..engine.run_dir import check_writable
+from ..engine.run_dir import check_not_run_file, check_writable
 from ..errors import CheckpointError, ConfigError
 from ..flops import count_cost
 from ..tables import format_grid
@@ -190,6 +190,7 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"out={out} names the PyTorch artifact, which the exports are written beside "
                           f"({out.stem}.onnx, {out.stem}.xml, ...); give it a .pt name, e.g. "
                           f"out={out.with_suffix('.pt')}")
+    check_not_run_file(out, "out")
     check_writable(out.parent, "output folder", "choose another place with out=PATH")
 
 

@@ -31,6 +31,7 @@ from ..compact import Structure, convert_model
 from ..condense import condensing_layers
 from ..data import DataConfig, build_data
 from ..engine.logger import Progress
+from ..engine.run_dir import check_not_run_file, check_writable
 from ..engine.runtime import AUTOCAST_DTYPES, configure_runtime, deterministic_mode, resolve_device
 from ..errors import ConfigError
 from ..evaluate import evaluate
@@ -205,7 +206,16 @@ def load(cfg: EvalConfig) -> Loaded:
         raise ConfigError(f"cost_batch={cfg.cost_batch} must be >= 1 and bench_seconds={cfg.bench_seconds} >= 0")
     deterministic_mode(cfg.deterministic)  # a bad value fails before the file is read
     resolve_device(cfg.device)
-    return open_checkpoint(cfg.checkpoint, weights=cfg.weights, official_name=cfg.official)
+    loaded = open_checkpoint(cfg.checkpoint, weights=cfg.weights, official_name=cfg.official)
+    check_out(eval_json_path(cfg.out, loaded.path))
+    return loaded
+
+
+def check_out(path: Path) -> None:
+    """Before evaluating: eval.json can be written at ``path`` and is not a run's own file."""
+    check_not_run_file(path, "out")
+    check_writable(path.parent, "output folder", f"eval.json cannot be written there; give another "
+                   f"place with out=PATH (e.g. out={Path.cwd() / 'eval.json'})")
 
 
 def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Optional[dict] = None,
@@ -266,15 +276,20 @@ def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Opti
     if cfg.cost:
         record["cost"], cost_table = cost_section(loaded, device, cfg.cost_batch, cfg.bench_seconds)
     path = eval_json_path(cfg.out, loaded.path)
+    error = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")
-    except OSError as e:
-        raise ConfigError(f"cannot write {path}: {e.strerror or e}; choose another place with out=PATH") from None
-    record["eval_json"] = str(path)
+        record["eval_json"] = str(path)
+    except OSError as e:  # checked up front, but the disk can fill meanwhile: show the result anyway
+        record["eval_json"] = f"not written ({e.strerror or e})"
+        error = ConfigError(f"cannot write {path}: {e.strerror or e}; the result is in the table above. "
+                            "Choose another place with out=PATH")
     print(summary_table(record), flush=True)
     if cfg.cost:
         print(cost_table, flush=True)
+    if error is not None:
+        raise error
     return record
 
 

@@ -21,6 +21,7 @@ from ..data import Data
 from ..errors import CheckpointError, RunDirError
 from . import run_dir as rundir
 from .config import TrainConfig, config_to_dict
+from .finalize import has_report
 from .logger import log
 
 if TYPE_CHECKING:
@@ -114,6 +115,45 @@ def check_identity(state: dict, path: Path, identity: dict, run_dir: Path) -> No
             f"{run_dir}.old-N/, nothing is deleted); to continue it, use the settings it "
             "was started with. Settings that may change on resume: " + ", ".join(rundir.RESUMABLE_KEYS) + "."
         )
+
+
+def check_target_folder(run: rundir.RunDir, run_dir: Path, ckpt_dir: Path, identity: dict,
+                        total_steps: int) -> None:
+    """``resume=PATH`` writes into ``run_dir`` (rank 0): a run already there must be this one.
+
+    Its own checkpoint must have this identity and be unfinished; outputs without a
+    readable checkpoint are refused and logs alone moved aside, as for a new run.
+    """
+    own = ckpt.find_resume_checkpoint(ckpt_dir)
+    if own is None:
+        start_afresh(run, run_dir, ckpt_dir, replace=False)
+        return
+    state, path = own
+    check_identity(state, path, identity, run_dir)
+    if state.get("step", 0) >= total_steps and has_report(run_dir):
+        raise RunDirError(
+            f"{run_dir} holds a finished run (report.json, {path} at step {state.get('step')}); resuming "
+            "another checkpoint there would overwrite its outputs. Resume into a new run directory "
+            "with name=<new name> or hydra.run.dir=..."
+        )
+
+
+def run_finished(state: dict, path: Path, run_dir: Path, total_steps: int) -> bool:
+    """The run in ``run_dir`` is finished: nothing to train, its outputs stay as they are.
+
+    report.json is written last, so it says so also when ``last.pt`` is unreadable and
+    the checkpoint found is the older ``prev.pt``: training on from that would rotate the
+    unreadable ``last.pt`` over the good ``prev.pt`` and rewrite the outputs.
+    """
+    if not has_report(run_dir):
+        return False
+    if state["step"] >= total_steps:
+        return True
+    if path == run_dir / "checkpoints" / "prev.pt" and (run_dir / "checkpoints" / "last.pt").exists():
+        log.warning("%s is unreadable, but the run finished (report.json is written): its outputs "
+                    "are kept as they are", path.with_name("last.pt"))
+        return True
+    return False
 
 
 def start_afresh(run: rundir.RunDir, run_dir: Path, ckpt_dir: Path, *, replace: bool) -> None:

@@ -32,14 +32,15 @@ from .callbacks import Callback
 from .config import TrainConfig
 from .distributed import all_reduce_sum, any_rank_each, barrier, cleanup, distributed_env, init_distributed
 from .finalize import (
-    convert_and_eval, has_report, masked_report, masks_identical, read_report, summary_table, write_report,
+    convert_and_eval, masked_report, masks_identical, read_report, summary_table, write_report,
 )
 from .health import HealthWindow, StepHealth
 from .init_from import init_model
 from .logger import MetricLogger, Progress, log
 from .optim import build_optimizer, lr_at, prime_momentum, resolve_lr, set_lr, step_unless
 from .resume import (
-    check_compatible, check_identity, checkpoint_state, checkpoint_to_resume, restore, run_identity, start_afresh,
+    check_compatible, check_identity, check_target_folder, checkpoint_state, checkpoint_to_resume, restore,
+    run_finished, run_identity, start_afresh,
 )
 from .runtime import AUTOCAST_DTYPES, resolve_compact_training, resolve_device
 from .state import TrainState
@@ -217,9 +218,11 @@ class Trainer:
             class_names=self.data.class_names, total_steps=self.total_steps,
         )
         check_identity(state, path, self.identity, self.run_dir)
+        if self.cfg.resume != "auto" and self.is_main:  # resume=PATH: the folder's run must be this one
+            check_target_folder(self.run, self.run_dir, self.ckpt_dir, self.identity, self.total_steps)
         restore(self, state, path)
         self.last_checkpoint = path
-        self.finished = self.step >= self.total_steps and has_report(self.run_dir)
+        self.finished = run_finished(state, path, self.run_dir, self.total_steps)
         if self.is_main and not self.finished:
             log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
 
@@ -519,11 +522,13 @@ class Trainer:
                 "condensed" if self.condenser.done or self.structure is not Structure.MASKED else
                 f"stage {self.condenser.stages()}",
             )
-        self.save()
         fully_condensed = self.structure is not Structure.MASKED or self.condenser.done
         if fully_condensed and result.top1 > self.state.best_top1:
+            # best.pt before last.pt: a failed or killed write of best.pt leaves last.pt at
+            # the previous checkpoint, so the resume trains this epoch again and rewrites both.
             self.state.best_top1 = result.top1
             self.save("best.pt")
+        self.save()
         self._callback("on_epoch_end")
 
     # ------------------------------------------------------------------ the end
@@ -567,4 +572,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, callbacks: Iterable[Callback] =
     # The process that acts as the main one (Trainer.is_main, from the same validated
     # environment) is the one that locks: a non-main rank never writes into the folder.
     with rundir.RunDir(run_dir, primary=distributed_env().is_main) as run:
-        return Trainer(cfg, run_dir, callbacks, run=run).fit()
+        trainer = Trainer(cfg, run_dir, callbacks, run=run)
+        run.claim()  # its checks passed: from here on the folder is this run's
+        return trainer.fit()
