@@ -148,3 +148,14 @@ def test_a_raw_pickle_checkpoint_names_the_global_it_would_call(tmp_path, protoc
     with pytest.raises(CheckpointError, match=rf"unpickling it would call {EVIL_GLOBAL}"):
         read_file(path)
     assert not marker.exists()
+
+
+def test_a_recorded_thread_count_is_used_only_when_this_machine_can():
+    import os
+
+    from cdnv2.cli.eval import _recorded_threads
+
+    assert _recorded_threads(1) == 1
+    for value in ("4", 10**9, 0, -1, True, None, 1.5):
+        assert _recorded_threads(value) is None, value
+    assert _recorded_threads(os.cpu_count()) == os.cpu_count()
