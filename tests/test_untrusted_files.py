@@ -159,3 +159,19 @@ def test_a_recorded_thread_count_is_used_only_when_this_machine_can():
     for value in ("4", 10**9, 0, -1, True, None, 1.5):
         assert _recorded_threads(value) is None, value
     assert _recorded_threads(os.cpu_count()) == os.cpu_count()
+
+
+def test_a_recorded_architecture_far_beyond_its_weights_is_not_allocated(evil_checkpoints, tmp_path):
+    from cdnv2.checkpoint import open_checkpoint
+
+    _, _, paths = evil_checkpoints
+    obj = torch.load(paths[1], weights_only=True)
+    obj["model_kwargs"]["growth"] = [100000, 100000, 100000]  # ~5e12 weights: terabytes
+    torch.save(obj, tmp_path / "huge.pt")
+    with pytest.raises(CheckpointError, match="recorded architecture has .* weights but the file stores"):
+        open_checkpoint(tmp_path / "huge.pt")
+    obj["model_kwargs"]["bottleneck"] = 10**20
+    torch.save(obj, tmp_path / "overflow.pt")
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path / "overflow.pt")
+    assert "cannot build model" in str(e.value) and "\n" not in str(e.value)
