@@ -175,3 +175,13 @@ def test_a_recorded_architecture_far_beyond_its_weights_is_not_allocated(evil_ch
     with pytest.raises(CheckpointError) as e:
         open_checkpoint(tmp_path / "overflow.pt")
     assert "cannot build model" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hydras_pickle_rerun_is_refused(tmp_path):
+    """Hydra's --experimental-rerun would pickle.load the file it is given."""
+    marker, path = tmp_path / "pwned", tmp_path / "config.pickle"
+    path.write_bytes(pickle.dumps(TouchOnUnpickle(marker)))
+    r = cli("cdnv2-eval", "--experimental-rerun", str(path))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--experimental-rerun" in r.stderr and "Traceback" not in r.stderr
+    assert not marker.exists()
