@@ -148,3 +148,40 @@ def test_a_raw_pickle_checkpoint_names_the_global_it_would_call(tmp_path, protoc
     with pytest.raises(CheckpointError, match=rf"unpickling it would call {EVIL_GLOBAL}"):
         read_file(path)
     assert not marker.exists()
+
+
+def test_a_recorded_thread_count_is_used_only_when_this_machine_can():
+    import os
+
+    from cdnv2.cli.eval import _recorded_threads
+
+    assert _recorded_threads(1) == 1
+    for value in ("4", 10**9, 0, -1, True, None, 1.5):
+        assert _recorded_threads(value) is None, value
+    assert _recorded_threads(os.cpu_count()) == os.cpu_count()
+
+
+def test_a_recorded_architecture_far_beyond_its_weights_is_not_allocated(evil_checkpoints, tmp_path):
+    from cdnv2.checkpoint import open_checkpoint
+
+    _, _, paths = evil_checkpoints
+    obj = torch.load(paths[1], weights_only=True)
+    obj["model_kwargs"]["growth"] = [100000, 100000, 100000]  # ~5e12 weights: terabytes
+    torch.save(obj, tmp_path / "huge.pt")
+    with pytest.raises(CheckpointError, match="recorded architecture has .* weights but the file stores"):
+        open_checkpoint(tmp_path / "huge.pt")
+    obj["model_kwargs"]["bottleneck"] = 10**20
+    torch.save(obj, tmp_path / "overflow.pt")
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path / "overflow.pt")
+    assert "cannot build model" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hydras_pickle_rerun_is_refused(tmp_path):
+    """Hydra's --experimental-rerun would pickle.load the file it is given."""
+    marker, path = tmp_path / "pwned", tmp_path / "config.pickle"
+    path.write_bytes(pickle.dumps(TouchOnUnpickle(marker)))
+    r = cli("cdnv2-eval", "--experimental-rerun", str(path))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--experimental-rerun" in r.stderr and "Traceback" not in r.stderr
+    assert not marker.exists()

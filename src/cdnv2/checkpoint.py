@@ -39,6 +39,7 @@ from torch import nn
 
 from .compact import Structure, model_structure, restructure_for_state_dict
 from .compact import official
+from .data.config import memory_bytes
 from .errors import CheckpointError
 from .models import create_model, is_model, unknown_model_message
 from .models import features_only as features_only_net
@@ -377,8 +378,12 @@ def _build_model(obj: dict, where: str, weights: str) -> tuple[nn.Module, str]:
     state, used = obj["model_state"], "raw"
     if obj["kind"] == Kind.TRAIN and weights == "ema" and obj.get("ema_state") is not None:
         state, used = obj["ema_state"], "ema"
+    kwargs = dict(obj["model_kwargs"] or {})
     try:
-        model = create_model(obj["model_name"], **dict(obj["model_kwargs"] or {}))
+        with torch.device("meta"):  # first without memory: the file's sizes are not trusted
+            elements = sum(t.numel() for t in create_model(obj["model_name"], **kwargs).state_dict().values())
+        _check_fits(elements, state, where)
+        model = create_model(obj["model_name"], **kwargs)
     except (ValueError, TypeError, RuntimeError, OverflowError) as e:  # torch's C++ errors add frames
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise CheckpointError(f"{where}: cannot build model {obj['model_name']!r}: {first}") from None
@@ -392,6 +397,19 @@ def _build_model(obj: dict, where: str, weights: str) -> tuple[nn.Module, str]:
             + " ".join(str(e).split())[:600]
         ) from None
     return model.eval(), used
+
+
+def _check_fits(elements: int, state: dict, where: str) -> None:
+    """A recorded architecture far larger than the weights stored beside it (or than
+    memory) is refused before it is allocated. The masked model of a compact file is a
+    few times larger than its pruned weights; 64 times is no longer the same model."""
+    stored = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    memory = memory_bytes()
+    if elements > 64 * stored + 10**7 or (memory is not None and 4 * elements > memory // 2):
+        raise CheckpointError(
+            f"{where}: its recorded architecture has {elements:,} weights but the file stores "
+            f"{stored:,}; the file is inconsistent (or edited) and is not loaded"
+        )
 
 
 def load_model(path_or_dict: str | os.PathLike | dict, *, weights: str = "ema",

@@ -112,6 +112,10 @@ def check_command_line(config_name: str, argv: list[str]) -> Optional[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args, _ = get_args_parser().parse_known_args(argv)
+    if args.experimental_rerun is not None:
+        return (f"--experimental-rerun {args.experimental_rerun} is not supported: Hydra would unpickle that "
+                "file, and unpickling runs any code it holds. Re-run the command with its overrides "
+                "instead (a run records them in <run>/.hydra/overrides.yaml).")
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return None
     try:

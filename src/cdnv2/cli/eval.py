@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -131,9 +132,14 @@ def _eval_settings(cfg: EvalConfig, loaded: Loaded, device: torch.device) -> tup
 
 def configure_for(cfg: EvalConfig, loaded: Loaded) -> str:
     """The command's process-wide settings: ``threads`` (default: as trained), kernels."""
-    threads = cfg.threads or loaded.trainer.get("threads")
-    return configure_runtime(cfg.device, deterministic=cfg.deterministic,
-                             threads=int(threads) if threads else None)
+    threads = cfg.threads or _recorded_threads(loaded.trainer.get("threads"))
+    return configure_runtime(cfg.device, deterministic=cfg.deterministic, threads=threads)
+
+
+def _recorded_threads(value) -> Optional[int]:
+    """The run's thread count if it is one this machine can use (a file's value is not trusted)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= (os.cpu_count() or 1)
+    return value if ok else None
 
 
 def eval_json_path(cfg_out: Optional[str], checkpoint: Path) -> Path:
