@@ -12,6 +12,7 @@ side by side when a key is added.
 """
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -173,6 +174,15 @@ def run_finished(state: dict, path: Path, run_dir: Path, total_steps: int) -> bo
                     "are kept as they are", path.with_name("last.pt"))
         return True
     return False
+
+
+def keep_fallback(path: Path) -> None:
+    """Resuming from ``prev.pt`` because ``last.pt`` is unreadable (rank 0): rename that file
+    to ``last.pt.unreadable``, so the next save does not rotate it over the good ``prev.pt``."""
+    last = path.with_name("last.pt")
+    if path.name == "prev.pt" and last.exists():
+        os.replace(last, last.with_name("last.pt.unreadable"))
+        log.warning("kept the unreadable %s as last.pt.unreadable; %s stays the fallback", last, path)
 
 
 def start_afresh(run: rundir.RunDir, run_dir: Path, ckpt_dir: Path, *, replace: bool) -> None:
