@@ -99,9 +99,9 @@ class SweepSummary(Callback):
 class ValidateConfig(Callback):
     """Check every value of a single run's config before Hydra creates its run directory.
 
-    ``on_run_start`` is the last point before Hydra makes the folder and writes
-    ``.hydra/`` and the log file there, so a bad value leaves nothing behind. Sweeps
-    are checked per job, by the trainer.
+    ``on_run_start`` is the last point before Hydra makes the folder, so a bad value
+    leaves nothing behind (``.hydra/`` and the log file wait for the run's own checks:
+    cli/record.py). Sweeps are checked per job, by the trainer.
     """
 
     def __init__(self, prog: str) -> None:

@@ -156,6 +156,15 @@ def run_finished(state: dict, path: Path, run_dir: Path, total_steps: int) -> bo
     return False
 
 
+def keep_fallback(path: Path) -> None:
+    """Resuming from ``prev.pt`` because ``last.pt`` is unreadable (rank 0): rename that file
+    to ``last.pt.unreadable``, so the next save does not rotate it over the good ``prev.pt``."""
+    last = path.with_name("last.pt")
+    if path.name == "prev.pt" and last.exists():
+        os.replace(last, last.with_name("last.pt.unreadable"))
+        log.warning("kept the unreadable %s as last.pt.unreadable; %s stays the fallback", last, path)
+
+
 def start_afresh(run: rundir.RunDir, run_dir: Path, ckpt_dir: Path, *, replace: bool) -> None:
     """Before a new run (rank 0): never overwrite an earlier one's outputs or mix its logs."""
     outputs, logs = run.outputs(), run.logs()

@@ -189,8 +189,8 @@ def check_run_folder(folder: str | Path) -> None:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise RunDirError(
             f"{folder} is not a cdnv2 run directory: it holds files that no run wrote ({shown}). A run "
-            "owns its folder (a later resume=never moves it aside whole), so it starts only in a new or "
-            "empty folder: choose one with hydra.run.dir=... (or name=...). Nothing was written."
+            "owns its folder (it writes, replaces and moves aside its files there), so it starts only in a "
+            "new or empty folder: choose one with hydra.run.dir=... (or name=...). Nothing was written."
         )
 
 

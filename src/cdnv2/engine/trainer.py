@@ -39,8 +39,8 @@ from .init_from import init_model
 from .logger import MetricLogger, Progress, log
 from .optim import build_optimizer, lr_at, prime_momentum, resolve_lr, set_lr, step_unless
 from .resume import (
-    check_compatible, check_identity, check_target_folder, checkpoint_state, checkpoint_to_resume, restore,
-    run_finished, run_identity, start_afresh,
+    check_compatible, check_identity, check_target_folder, checkpoint_state, checkpoint_to_resume, keep_fallback,
+    restore, run_finished, run_identity, start_afresh,
 )
 from .runtime import AUTOCAST_DTYPES, resolve_compact_training, resolve_device
 from .state import TrainState
@@ -223,6 +223,8 @@ class Trainer:
         restore(self, state, path)
         self.last_checkpoint = path
         self.finished = run_finished(state, path, self.run_dir, self.total_steps)
+        if self.is_main and not self.finished and self.cfg.resume == "auto":
+            keep_fallback(path)
         if self.is_main and not self.finished:
             log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
 
