@@ -3,14 +3,14 @@
 
 For each variant: the compact model, the masked (uncondensed, dense masked convs) model
 and the FLOPs-equal torchvision peer, in PyTorch eager, ONNX Runtime, OpenVINO,
-``torch.compile`` (Inductor), AOTInductor (``.pt2``) and ExecuTorch with XNNPACK
+``torch.compile`` (Inductor, ``dynamic=True``: one graph for all batch sizes), AOTInductor (``.pt2``) and ExecuTorch with XNNPACK
 (``.pte``), at each batch size; ms per batch (224x224, fp32), the median (min) of
 --repeats runs timed round-robin over all models and runtimes of that batch (load from
 other processes hits all alike), and the ratios from the same run. The compiled
 runtimes get what ``cdnv2-convert export=aoti|executorch`` exports for the compact model
 (:func:`cdnv2.deploy.program.export_module`) and the masked model and the peer as they
-are; ``--own-forward`` adds the compact model's own forward (non-strict ``torch.export``)
-as ``compact[own]``. ``--int8`` adds the statically quantized compact model (random
+are; ``--own-forward`` adds the compact model's own forward (non-strict ``torch.export``;
+``torch.compile`` with graph breaks) as ``compact[own]`` (not for XNNPACK). ``--int8`` adds the statically quantized compact model (random
 calibration images: speed only; accuracy is cdnv2-convert's table).
 
     python scripts/bench_deploy.py --variants cdnv2_b                 # one variant (minutes)
@@ -124,29 +124,38 @@ def compiled_modules(name: str, eager: dict, args) -> dict:
 
 def compiled_callables(mods: dict, args, tmp: Path, batches: list[int]) -> dict:
     """{batch: {(label, runtime): fn}}: torch.compile and AOTInductor take any batch (one
-    program each), XNNPACK one program per batch size (ExecuTorch plans memory ahead)."""
-    from cdnv2.deploy.aoti import load_aoti
-
+    program each), XNNPACK one program per batch size (ExecuTorch plans memory ahead).
+    A model a runtime cannot take is reported and left out (its cell reads "-")."""
     per_batch: dict = {b: {} for b in batches}
     for label, m in mods.items():
-        slug = label.replace("[", "-").replace("]", "")
-        example = torch.randn(2, 3, args.size, args.size)
-        if "compile" in args.runtimes:
-            fn = torch.compile(m)
-            for b in batches:
-                per_batch[b][(label, "compile")] = lambda x, f=fn: f(torch.from_numpy(x))
-        if "aoti" in args.runtimes:
-            print(f"AOTInductor: {label}", file=sys.stderr, flush=True)
-            path = torch._inductor.aoti_compile_and_package(_export(m, example, True), package_path=str(tmp / f"{slug}.pt2"))
-            run = load_aoti(path)
-            for b in batches:
-                per_batch[b][(label, "aoti")] = lambda x, f=run: f(torch.from_numpy(x))
-        if "xnnpack" in args.runtimes:
-            for b in batches:
-                print(f"ExecuTorch/XNNPACK: {label} batch {b}", file=sys.stderr, flush=True)
-                run = _xnnpack(m, torch.randn(b, 3, args.size, args.size), tmp / f"{slug}-{b}.pte")
-                per_batch[b][(label, "xnnpack")] = lambda x, f=run: f(torch.from_numpy(x))
+        for rt in (r for r in COMPILED if r in args.runtimes):
+            if label == "compact[own]" and rt == "xnnpack":
+                continue  # its gathers and batched GEMMs stay outside XNNPACK: not a mobile candidate
+            print(f"{rt}: {label}", file=sys.stderr, flush=True)
+            try:
+                for b, fn in _compiled(rt, m, label, args, tmp, batches).items():
+                    per_batch[b][(label, rt)] = fn
+            except Exception as e:  # noqa: BLE001 - a benchmark row, not a product path
+                print(f"{rt}: {label} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                      file=sys.stderr, flush=True)
     return per_batch
+
+
+def _compiled(rt: str, m: torch.nn.Module, label: str, args, tmp: Path, batches: list[int]) -> dict:
+    from cdnv2.deploy.aoti import load_aoti
+
+    slug = label.replace("[", "-").replace("]", "")
+    size = (3, args.size, args.size)
+    if rt == "compile":
+        f = torch.compile(m, dynamic=True)  # one graph for every batch size, like the .pt2
+        f(torch.randn(batches[0], *size))  # compile errors surface here, not in the timed loop
+        return {b: (lambda x, f=f: f(torch.from_numpy(x))) for b in batches}
+    if rt == "aoti":
+        program = _export(m, torch.randn(2, *size), True)
+        run = load_aoti(torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / f"{slug}.pt2")))
+        return {b: (lambda x, f=run: f(torch.from_numpy(x))) for b in batches}
+    runs = {b: _xnnpack(m, torch.randn(b, *size), tmp / f"{slug}-{b}.pte") for b in batches}
+    return {b: (lambda x, f=run: f(torch.from_numpy(x))) for b, run in runs.items()}
 
 
 def _export(m: torch.nn.Module, example: torch.Tensor, dynamic: bool):

@@ -1,5 +1,6 @@
 """Compiled deployments: AOTInductor package (.pt2), ExecuTorch/XNNPACK (.pte), and files
 that replace an earlier export only once their check passed."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -7,9 +8,9 @@ import sys
 import pytest
 import torch
 
-import cdnv2
 import cdnv2.deploy.export as export_mod
 from cdnv2.checkpoint import save_compact
+from cdnv2.data import DataConfig, build_data
 from cdnv2.deploy import ExportError, export_and_check, require
 from helpers import cli, condensed_tiny
 
@@ -58,6 +59,7 @@ def test_missing_executorch_names_the_mobile_extra(monkeypatch):
         require(["executorch"])
 
 
+@pytest.mark.timeout(1200)  # lowering to XNNPACK: about a minute alone, much more on a loaded CPU
 def test_executorch_program_matches_pytorch_in_the_executorch_runtime(compact, tmp_path):
     pytest.importorskip("executorch")
     (c,) = export_and_check(compact, ["executorch"], tmp_path / "tiny", SIZE, class_names=["a", "b"],
@@ -84,16 +86,21 @@ print(json.dumps({"diffs": diffs, "cdnv2_imported": "cdnv2" in sys.modules,
 """
 
 
+@pytest.mark.timeout(1200)  # AOTInductor compiles C++: about a minute alone, much more on a loaded CPU
 def test_convert_command_writes_an_aoti_package_that_runs_without_cdnv2(compact, tmp_path):
-    """cdnv2-convert export=aoti: the .pt2 matches PyTorch at batch 1, 3, 32 in a torch-only process."""
+    """cdnv2-convert export=aoti: the .pt2 matches PyTorch at batch 1, 3, 32 in a torch-only
+    process, and cdnv2-eval gives it the artifact's accuracy."""
+    data_cfg = DataConfig(num_train=64, num_val=64, batch_size=32)
+    built = build_data(data_cfg, seed=0)
     artifact = save_compact(tmp_path / "m.pt", compact, model_name="cdnv2_tiny", model_kwargs=compact.arch_kwargs(),
-                            class_names=[f"c{i}" for i in range(10)], preprocess={"resize": 36, "crop": 32})
+                            class_names=built.class_names, preprocess=built.eval_preprocess,
+                            data=dataclasses.asdict(data_cfg), seed=0)
     r = cli("cdnv2-convert", f"checkpoint={artifact}", "export=aoti", "bench=false")
     assert r.returncode == 0, r.stderr
     assert "aoti" in r.stdout and "ok" in r.stdout
     pt2 = tmp_path / "m.pt2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.pt2", "m.pt2.json"]
-    assert json.loads((tmp_path / "m.pt2.json").read_text())["preprocess"] == {"resize": 36, "crop": 32}
+    assert json.loads((tmp_path / "m.pt2.json").read_text())["preprocess"] == built.eval_preprocess
 
     g = torch.Generator().manual_seed(3)
     cases = []
@@ -106,7 +113,15 @@ def test_convert_command_writes_an_aoti_package_that_runs_without_cdnv2(compact,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert not result["cdnv2_imported"] and result["class_names"] == [f"c{i}" for i in range(10)]
+    assert not result["cdnv2_imported"] and result["class_names"] == built.class_names
     scale = max(float(ref.abs().max()) for _, ref in cases)
     assert len(result["diffs"]) == 3 and max(result["diffs"]) <= 1e-4 * max(1.0, scale), result
-    assert cdnv2.load_model(artifact) is not None  # the input artifact is untouched and loadable
+
+    evals = {}
+    for name in ("m.pt", "m.pt2"):
+        r = cli("cdnv2-eval", f"checkpoint={tmp_path / name}", f"out={tmp_path / (name + '.eval.json')}",
+                "progress=none")
+        assert r.returncode == 0, r.stderr
+        evals[name] = json.loads((tmp_path / (name + ".eval.json")).read_text())
+    assert evals["m.pt2"]["top1"] == evals["m.pt"]["top1"] and evals["m.pt2"]["samples"] == 64
+    assert abs(evals["m.pt2"]["loss"] - evals["m.pt"]["loss"]) <= 1e-4

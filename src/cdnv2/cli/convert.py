@@ -195,8 +195,10 @@ def export_files(compact: torch.nn.Module, formats: list[str], out: Path, loaded
     """Export beside the artifact, print the table; a file that disagrees with PyTorch is an error
     (and was not written: an earlier file of that name stays)."""
     stem = out.with_suffix("") if out.suffix == ".pt" else out
+    source = {"model": loaded.model_name, "model_kwargs": loaded.model_kwargs, "data": loaded.data_config,
+              "seed": loaded.seed, "artifact": str(out)}
     checks = export_and_check(compact, formats, stem, loaded.input_size, class_names=loaded.class_names,
-                              preprocess=loaded.preprocess)
+                              preprocess=loaded.preprocess, source=source)
     print(export_table(checks), flush=True)
     bad = [c for c in checks if not c.ok]
     if bad:

@@ -59,3 +59,15 @@ def load_aoti(path: str | Path):
 def aoti_metadata(path: str | Path) -> dict[str, str]:
     """The package's string metadata (compiler flags, and ours: ``cdnv2.*``)."""
     return dict(load_aoti(path).get_metadata())
+
+
+class AOTIPackage(nn.Module):
+    """A loaded ``.pt2`` as a module (CPU, inference only), for code that takes a model."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self.path = str(path)
+        self.runner = load_aoti(path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.runner(x.contiguous())

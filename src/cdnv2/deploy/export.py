@@ -389,9 +389,12 @@ def sidecar(path: str | Path) -> Path:
     return Path(path).with_name(Path(path).name + ".json")
 
 
-def write_sidecar(path: Path, class_names, preprocess, meta: dict) -> Path:
+def write_sidecar(path: Path, class_names, preprocess, meta: dict, source: dict | None = None) -> Path:
+    """``source``: where the graph came from (model name and kwargs, data config, seed), so
+    ``cdnv2-eval`` can evaluate the file on the run's data."""
     side = sidecar(path)
-    side.write_text(json.dumps({"class_names": class_names, "preprocess": preprocess, "metadata": meta}, indent=1))
+    side.write_text(json.dumps({"class_names": class_names, "preprocess": preprocess, "metadata": meta,
+                                **({"source": source} if source else {})}, indent=1))
     return side
 
 
@@ -434,10 +437,11 @@ def check_executorch(path: str | Path, model: nn.Module, inputs: list[torch.Tens
 # ----------------------------------------------------------------------------- all
 def export_and_check(
     model: nn.Module, formats: list[str], stem: str | Path, input_size: tuple[int, int, int], *,
-    class_names: list[str] | None = None, preprocess: dict | None = None,
+    class_names: list[str] | None = None, preprocess: dict | None = None, source: dict | None = None,
 ) -> list[ExportCheck]:
     """Write ``<stem>.torchscript.pt`` / ``.onnx`` / ``.xml`` / ``.pt2`` / ``.pte``, each checked
-    against ``model`` before it replaces a file of that name."""
+    against ``model`` before it replaces a file of that name. ``source`` goes into the
+    ``.pt2`` file's sidecar (see :func:`write_sidecar`)."""
     require([f for f in formats if f in PACKAGES])  # fail before spending time on any file
     unknown = [f for f in formats if f not in SUFFIXES]
     if unknown:
@@ -445,11 +449,11 @@ def export_and_check(
     stem = Path(stem)
     inputs = check_inputs(input_size)
     return [export_one(fmt, model, stem.with_name(stem.name + SUFFIXES[fmt]), input_size, inputs,
-                       class_names=class_names, preprocess=preprocess) for fmt in formats]
+                       class_names=class_names, preprocess=preprocess, source=source) for fmt in formats]
 
 
 def export_one(fmt: str, model: nn.Module, path: Path, input_size: tuple[int, int, int], inputs: list[torch.Tensor],
-               *, class_names=None, preprocess=None) -> ExportCheck:
+               *, class_names=None, preprocess=None, source: dict | None = None) -> ExportCheck:
     """Export ``fmt`` under a temporary name beside ``path``, check it, then rename it into place.
 
     A failed check leaves ``path`` (and its companions) as they were and returns the
@@ -457,7 +461,7 @@ def export_one(fmt: str, model: nn.Module, path: Path, input_size: tuple[int, in
     """
     temp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
     try:
-        check = _write_and_check(fmt, model, temp, input_size, inputs, class_names, preprocess)
+        check = _write_and_check(fmt, model, temp, input_size, inputs, class_names, preprocess, source)
         check.path = str(path)
         if check.ok:
             for src, dst in zip(_files(fmt, temp), _files(fmt, path)):
@@ -475,7 +479,7 @@ def _files(fmt: str, path: Path) -> list[Path]:
     return companions + [sidecar(path), path]
 
 
-def _write_and_check(fmt, model, path, input_size, inputs, class_names, preprocess) -> ExportCheck:
+def _write_and_check(fmt, model, path, input_size, inputs, class_names, preprocess, source) -> ExportCheck:
     example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(1))
     if fmt == "torchscript":
         return check_torchscript(export_torchscript(model, example, path), model, inputs)
@@ -491,7 +495,7 @@ def _write_and_check(fmt, model, path, input_size, inputs, class_names, preproce
 
         export_aoti(model, example, path, class_names=class_names, preprocess=preprocess)
         check = check_aoti(path, model, inputs)
-        write_sidecar(path, class_names, preprocess, check.metadata)
+        write_sidecar(path, class_names, preprocess, check.metadata, source)
         return check
     from .executorch import export_executorch
 
