@@ -281,3 +281,22 @@ class TouchOnUnpickle:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def condensed_tiny(seed: int = 0) -> torch.nn.Module:
+    """cdnv2_tiny fully condensed and converted, with BN statistics far from the identity (folds matter)."""
+    import cdnv2
+    from cdnv2.layers import CondensingConv1x1
+
+    torch.manual_seed(seed)
+    model = cdnv2.create_model("cdnv2_tiny")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.3, 3)
+            m.weight.data.normal_(0, 1)  # negative scales too
+            m.bias.data.normal_(0, 0.5)
+        if isinstance(m, CondensingConv1x1):
+            while not m.fully_condensed:
+                m.condense_step()
+    return cdnv2.convert_model(model.eval(), check=False)

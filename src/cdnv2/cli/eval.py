@@ -4,6 +4,7 @@
     cdnv2-eval checkpoint=runs/cdnv2_tiny-shapes/model_compact.pt data=shapes
     cdnv2-eval checkpoint=cdnv2_c.pth.tar official=cdnv2_c data=imagenet data.root=/data/imagenet
     cdnv2-eval checkpoint=... cost=true cost_batch=64
+    cdnv2-eval checkpoint=runs/cdnv2_tiny-shapes/model_compact.pt2   # AOTInductor package (export=aoti)
 
 A training checkpoint is evaluated exactly as the trainer's final evaluation (same
 ``build_data`` call with the recorded data config and seed, same :func:`evaluate`), so
@@ -49,7 +50,7 @@ log = logging.getLogger("cdnv2")
 class EvalConfig:
     """cdnv2-eval's options (the Hydra schema of configs/eval.yaml)."""
 
-    checkpoint: Optional[str] = None  # training checkpoint, compact artifact or official file
+    checkpoint: Optional[str] = None  # training checkpoint, compact artifact, official file or .pt2 package
     official: Optional[str] = None  # official file: its variant; None: detected from the keys
     weights: str = "auto"  # auto | ema | raw
     data: DataConfig = field(default_factory=DataConfig)  # see run(): replaces or patches the recorded one
@@ -212,7 +213,10 @@ def load(cfg: EvalConfig) -> Loaded:
         raise ConfigError(f"cost_batch={cfg.cost_batch} must be >= 1 and bench_seconds={cfg.bench_seconds} >= 0")
     deterministic_mode(cfg.deterministic)  # a bad value fails before the file is read
     resolve_device(cfg.device)
-    loaded = open_checkpoint(cfg.checkpoint, weights=cfg.weights, official_name=cfg.official)
+    if str(cfg.checkpoint).endswith(".pt2"):
+        loaded = open_aoti_package(Path(cfg.checkpoint).expanduser(), cfg)
+    else:
+        loaded = open_checkpoint(cfg.checkpoint, weights=cfg.weights, official_name=cfg.official)
     check_out(eval_json_path(cfg.out, loaded.path))
     return loaded
 
@@ -222,6 +226,31 @@ def check_out(path: Path) -> None:
     check_not_run_file(path, "out")
     check_writable(path.parent, "output folder", f"eval.json cannot be written there; give another "
                    f"place with out=PATH (e.g. out={Path.cwd() / 'eval.json'})")
+
+
+def open_aoti_package(path: Path, cfg: EvalConfig) -> Loaded:
+    """A ``.pt2`` of ``cdnv2-convert export=aoti``: the package runs the model (CPU), its
+    ``.pt2.json`` sidecar says what the artifact recorded (classes, preprocessing, data, seed)."""
+    from ..checkpoint import Kind
+    from ..deploy.aoti import AOTIPackage
+    from ..deploy.export import sidecar
+
+    side = sidecar(path)
+    if not path.is_file() or not side.is_file():
+        raise ConfigError(f"checkpoint={path}: {'no such file' if not path.is_file() else f'{side.name} is missing'}; "
+                          "give a .pt2 written by cdnv2-convert export=aoti, with its .pt2.json beside it")
+    info = json.loads(side.read_text())
+    source = info.get("source") or {}
+    if "model" not in source:
+        raise ConfigError(f"{side} does not record the model and data it was exported from; "
+                          "export it again with cdnv2-convert export=aoti")
+    if cfg.cost or resolve_device(cfg.device).type != "cpu":
+        raise ConfigError(f"checkpoint={path} is compiled for the CPU and has no layers to count: use device=cpu "
+                          f"without cost=true, or evaluate {source.get('artifact', 'the .pt artifact')} for costs")
+    return Loaded(model=AOTIPackage(path), path=path, kind=Kind.COMPACT, model_name=source["model"],
+                  model_kwargs=source.get("model_kwargs") or {}, structure=Structure.COMPACT, weights="raw",
+                  class_names=info.get("class_names"), preprocess=info.get("preprocess"),
+                  data_config=source.get("data"), seed=source.get("seed"))
 
 
 def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Optional[dict] = None,

@@ -12,6 +12,7 @@ the run's description (the keys and version are :mod:`cdnv2.checkpoint`'s ``TRAI
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
