@@ -18,6 +18,7 @@ _LAZY = {
     "load_model": "cdnv2.checkpoint",
     "save_compact": "cdnv2.checkpoint",
     "load_official_checkpoint": "cdnv2.checkpoint",
+    "Predictor": "cdnv2.predict",
 }
 
 

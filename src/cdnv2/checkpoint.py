@@ -36,6 +36,7 @@ from torch import nn
 
 from .compact import Structure, model_structure, restructure_for_state_dict
 from .compact import official
+from . import safetensors_io
 from .errors import CheckpointError
 from .models import create_model, is_model, unknown_model_message
 from .models import features_only as features_only_net
@@ -46,6 +47,7 @@ FORMAT = "cdnv2"
 ARTIFACT_VERSION = 1
 TMP_MARK = ".tmp-"
 WEIGHTS = ("auto", "ema", "raw")
+SAVE_FORMATS = ("pt", "safetensors")
 
 
 class Kind(str, enum.Enum):
@@ -120,12 +122,18 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, model_name: str, model_kwargs: dict,
                  class_names: list[str] | None = None, preprocess: dict | None = None,
-                 metrics: dict | None = None, data: dict | None = None, seed: int | None = None) -> Path:
+                 metrics: dict | None = None, data: dict | None = None, seed: int | None = None,
+                 format: str = "pt") -> Path:
     """Write the compact inference model as ONE self-describing file (``kind="compact"``).
 
     ``load_model(path)`` rebuilds the model from it alone. ``data`` (the run's data config
     as a dict) and ``seed`` let ``cdnv2-eval`` rebuild the validation set without ``data=...``.
+    ``format``: "pt" (a ``torch.save`` dict) or "safetensors" (weights as safetensors, the
+    other fields as JSON strings in its metadata; read without pickle, the format to share;
+    see :mod:`cdnv2.safetensors_io`).
     """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format={format!r}: use one of {', '.join(SAVE_FORMATS)}")
     structure = model_structure(compact_model)
     if structure is not Structure.COMPACT:
         raise ValueError(
@@ -147,6 +155,9 @@ def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, model_nam
         "seed": seed,
     }
     path = Path(path)
+    if format == "safetensors":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return safetensors_io.write(obj, path)
     atomic_save(obj, path)
     return path
 
@@ -158,6 +169,7 @@ def read_file(path: str | Path, *, label: str | None = None, trust_pickle: bool 
 
     Only tensors and plain data are unpickled (``weights_only=True``, plus the argparse
     Namespace and numpy scalars that official files carry) unless ``trust_pickle``.
+    A ``.safetensors`` file is read without pickle (:func:`cdnv2.safetensors_io.read`).
     """
     path = Path(path).expanduser()
     where = label or str(path)
@@ -169,6 +181,8 @@ def read_file(path: str | Path, *, label: str | None = None, trust_pickle: bool 
         raise CheckpointError(f"{where} is a directory, not a checkpoint file{hint}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{where} is empty (0 bytes) and cannot be read: it was never written completely")
+    if safetensors_io.is_safetensors(path):
+        return safetensors_io.read(path, where)
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)

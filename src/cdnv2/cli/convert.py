@@ -50,7 +50,7 @@ class ConvertConfig:
     official: Optional[str] = None  # official file: its variant; None: detected from the keys
     weights: str = "auto"  # auto | ema | raw
     out: Optional[str] = None  # artifact path; None: <checkpoint>_compact.pt beside it
-    export: str = "none"  # none | torchscript | onnx | openvino | all
+    export: str = "none"  # none | torchscript | onnx | openvino | all | safetensors
     quantize: str = "none"  # none | int8: int8 copies of the exported ONNX / OpenVINO files
     calib_images: int = 300  # training images that calibrate the int8 ranges
     parity_samples: int = 8  # random images of the parity check
@@ -80,14 +80,14 @@ def _weights_bytes(model: torch.nn.Module) -> int:
     return buf.tell()
 
 
-def _save_artifact(out: Path, compact: torch.nn.Module, loaded: Loaded) -> Path:
+def _save_artifact(out: Path, compact: torch.nn.Module, loaded: Loaded, format: str = "pt") -> Path:
     metrics = dict(loaded.metrics or {})
     if metrics:
         metrics["measured_on"] = f"{loaded.structure} model of {loaded.path.name}"
     save_compact(
         out, compact, model_name=loaded.model_name, model_kwargs=loaded.model_kwargs,
         class_names=loaded.class_names, preprocess=loaded.preprocess, metrics=metrics or None,
-        data=loaded.data_config, seed=loaded.seed,
+        data=loaded.data_config, seed=loaded.seed, format=format,
     )
     return out
 
@@ -102,7 +102,7 @@ def run(cfg: ConvertConfig) -> dict:
         )
     if cfg.parity_samples < 1 or cfg.cost_batch < 1:
         raise ConfigError(f"parity_samples={cfg.parity_samples} and cost_batch={cfg.cost_batch} must be >= 1")
-    formats = formats_for(cfg.export)
+    formats = [] if cfg.export == "safetensors" else formats_for(cfg.export)
     require([f for f in formats if f in ("onnx", "openvino")])  # before any work
     _check_quantize(cfg, formats)
     if cfg.threads is not None and cfg.threads < 1:
@@ -162,6 +162,11 @@ def run(cfg: ConvertConfig) -> dict:
         _save_artifact(out, compact, loaded)
         print(before_after_table(loaded, masked, compact, out, parity, cfg, device), flush=True)
     summary["artifact"] = str(out)
+
+    if cfg.export == "safetensors":  # the weights to share: no pickle, metadata as JSON strings
+        shared = _save_artifact(out.with_suffix(".safetensors"), compact, loaded, format="safetensors")
+        summary["safetensors"] = str(shared)
+        print(f"safetensors: {shared} ({shared.stat().st_size / 1e6:.2f} MB)", flush=True)
 
     if formats:
         stem = out.with_suffix("") if out.suffix == ".pt" else out
