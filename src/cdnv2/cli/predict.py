@@ -102,15 +102,15 @@ def check(cfg: PredictConfig) -> tuple[list[Path], Path]:
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads={cfg.threads} must be >= 1 (or leave it unset: torch's default)")
     resolve_device(cfg.device)
+    out = Path(cfg.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file; out= names the folder that receives {' and '.join(FILES)}")
     images = find_images(cfg.input)
     if not images:
         raise ConfigError(
             f"input={cfg.input} holds no image files (looked for {' '.join(IMG_EXTENSIONS)}"
             f"{', recursively' if Path(cfg.input).expanduser().is_dir() else ''}); point it at your images"
         )
-    out = Path(cfg.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out={out} is a file; out= names the folder that receives {' and '.join(FILES)}")
     check_writable(out, "output folder", "choose another place with out=PATH")
     return images, out
 
