@@ -85,7 +85,8 @@ def assert_same_state(a: dict, b: dict) -> None:
             raise AssertionError(f"{k} differs (max abs diff {diff:.3g})")
 
 
-# The shapes the tiny ImageFolder of make_image_folder draws, as its class folders.
+# The shapes the tiny ImageFolder of make_image_folder draws, as its class folders
+# (the first four of cdnv2.data.shapes.SHAPES_CLASSES).
 FOLDER_CLASSES = ("circle", "square", "triangle", "ring")
 
 
