@@ -200,6 +200,9 @@ def test_safetensors_round_trip_reads_no_pickle(run, tmp_path):
         header = f.metadata()
         assert f.get_tensor("features.denseblock_1.denselayer_1.conv_1.index").dtype == torch.int16
     assert json.loads(header["class_names"]) == sorted(FOLDER_CLASSES) and header["kind"] == "compact"
+    auto = cdnv2.save_compact(tmp_path / "auto.safetensors", ref, model_name=meta["model_name"],
+                              model_kwargs=meta["model_kwargs"])  # format="auto": by the suffix
+    assert auto.read_bytes()[8:9] == b"{"  # a safetensors header, not a zip
     with pytest.raises(ValueError, match="format="):
         cdnv2.save_compact(tmp_path / "m.bin", ref, model_name="cdnv2_tiny", model_kwargs={}, format="npz")
 

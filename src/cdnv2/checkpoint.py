@@ -47,7 +47,7 @@ FORMAT = "cdnv2"
 ARTIFACT_VERSION = 1
 TMP_MARK = ".tmp-"
 WEIGHTS = ("auto", "ema", "raw")
-SAVE_FORMATS = ("pt", "safetensors")
+SAVE_FORMATS = ("auto", "pt", "safetensors")
 
 
 class Kind(str, enum.Enum):
@@ -123,17 +123,19 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, model_name: str, model_kwargs: dict,
                  class_names: list[str] | None = None, preprocess: dict | None = None,
                  metrics: dict | None = None, data: dict | None = None, seed: int | None = None,
-                 format: str = "pt") -> Path:
+                 format: str = "auto") -> Path:
     """Write the compact inference model as ONE self-describing file (``kind="compact"``).
 
     ``load_model(path)`` rebuilds the model from it alone. ``data`` (the run's data config
     as a dict) and ``seed`` let ``cdnv2-eval`` rebuild the validation set without ``data=...``.
-    ``format``: "pt" (a ``torch.save`` dict) or "safetensors" (weights as safetensors, the
+    ``format``: "pt" (a ``torch.save`` dict), "safetensors" (weights as safetensors, the
     other fields as JSON strings in its metadata; read without pickle, the format to share;
-    see :mod:`cdnv2.safetensors_io`).
+    see :mod:`cdnv2.safetensors_io`) or "auto": safetensors for a ``.safetensors`` path.
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"format={format!r}: use one of {', '.join(SAVE_FORMATS)}")
+    if format == "auto":
+        format = "safetensors" if safetensors_io.is_safetensors(path) else "pt"
     structure = model_structure(compact_model)
     if structure is not Structure.COMPACT:
         raise ValueError(

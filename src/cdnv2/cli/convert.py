@@ -80,7 +80,7 @@ def _weights_bytes(model: torch.nn.Module) -> int:
     return buf.tell()
 
 
-def _save_artifact(out: Path, compact: torch.nn.Module, loaded: Loaded, format: str = "pt") -> Path:
+def _save_artifact(out: Path, compact: torch.nn.Module, loaded: Loaded, format: str = "auto") -> Path:
     metrics = dict(loaded.metrics or {})
     if metrics:
         metrics["measured_on"] = f"{loaded.structure} model of {loaded.path.name}"

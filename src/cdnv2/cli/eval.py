@@ -316,8 +316,8 @@ def class_tables(r: dict, note: Optional[str]) -> str:
     if note and r["top_confusions"]:
         rows = [[c["true"], c["predicted"], str(c["count"]), f"{c['percent']:.1f}"] for c in r["top_confusions"][:10]]
         text += "\n" + format_grid(["true class", "predicted as", "images", "% of class"], rows, "largest confusions")
-    files = [f for f in r["files"].values() if f]
-    text += "\nper-class files: " + ", ".join(files)
+    files = [Path(f) for f in r["files"].values() if f]
+    text += f"\nper-class files in {files[0].parent}: " + ", ".join(f.name for f in files)
     if note:
         text += f"\n{note}"
     return text
