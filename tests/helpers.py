@@ -300,3 +300,38 @@ def condensed_tiny(seed: int = 0) -> torch.nn.Module:
             while not m.fully_condensed:
                 m.condense_step()
     return cdnv2.convert_model(model.eval(), check=False)
+
+
+# The shapes the tiny ImageFolder of make_image_folder draws, as its class folders
+# (the first four of cdnv2.data.shapes.SHAPES_CLASSES).
+FOLDER_CLASSES = ("circle", "square", "triangle", "ring")
+
+
+def make_image_folder(root, per_class: int = (24, 8), seed: int = 0) -> Path:
+    """``root/train/<class>/*.png`` and ``root/val/<class>/*.png`` of generated shapes
+    (``per_class``: train and val images per class of :data:`FOLDER_CLASSES`)."""
+    from PIL import Image
+
+    from cdnv2.data.shapes import make_shapes
+
+    root = Path(root)
+    for split, count, split_seed in (("train", per_class[0], seed), ("val", per_class[1], seed + 1)):
+        images, labels = make_shapes(count * 12, seed=split_seed)
+        written = {c: 0 for c in range(len(FOLDER_CLASSES))}
+        for image, label in zip(images, labels.tolist()):
+            if label < len(FOLDER_CLASSES) and written[label] < count:
+                folder = root / split / FOLDER_CLASSES[label]
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{written[label]:03d}.png")
+                written[label] += 1
+    return root
+
+
+# cdnv2-train on make_image_folder's tree: 32x32 images as they are, a few steps.
+FOLDER_QUICK = [
+    "data=imagefolder", "data.image_size=32", "data.eval_resize=null", "data.random_resized_crop=false",
+    "data.num_workers=0", "data.batch_size=16", "data.eval_batch_size=64",
+    "data.mean=[0.5,0.5,0.5]", "data.std=[0.3,0.3,0.3]",
+    "trainer.epochs=4", "trainer.max_steps_per_epoch=6", "trainer.parity_samples=8",
+    "trainer.progress=none", "trainer.threads=1",
+]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib
 
 from .flops import CostReport, count_cost
-from .models import create_model, list_models, register_model
+from .hub import create_model  # models.create_model, plus pretrained=PATH
+from .models import list_models, register_model
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ _LAZY = {
     "load_model": "cdnv2.checkpoint",
     "save_compact": "cdnv2.checkpoint",
     "load_official_checkpoint": "cdnv2.checkpoint",
+    "Predictor": "cdnv2.predict",
 }
 
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from .compact import Structure, model_structure, restructure_for_state_dict
 from .compact import official
+from . import safetensors_io
 from .data.config import memory_bytes
 from .errors import CheckpointError
 from .models import create_model, is_model, unknown_model_message
@@ -51,6 +52,7 @@ FORMAT = "cdnv2"
 ARTIFACT_VERSION = 1
 TMP_MARK = ".tmp-"
 WEIGHTS = ("auto", "ema", "raw")
+SAVE_FORMATS = ("auto", "pt", "safetensors")
 
 
 class Kind(str, enum.Enum):
@@ -176,12 +178,20 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, model_name: str, model_kwargs: dict,
                  class_names: list[str] | None = None, preprocess: dict | None = None,
-                 metrics: dict | None = None, data: dict | None = None, seed: int | None = None) -> Path:
+                 metrics: dict | None = None, data: dict | None = None, seed: int | None = None,
+                 format: str = "auto") -> Path:
     """Write the compact inference model as ONE self-describing file (``kind="compact"``).
 
     ``load_model(path)`` rebuilds the model from it alone. ``data`` (the run's data config
     as a dict) and ``seed`` let ``cdnv2-eval`` rebuild the validation set without ``data=...``.
+    ``format``: "pt" (a ``torch.save`` dict), "safetensors" (weights as safetensors, the
+    other fields as JSON strings in its metadata; read without pickle, the format to share;
+    see :mod:`cdnv2.safetensors_io`) or "auto": safetensors for a ``.safetensors`` path.
     """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format={format!r}: use one of {', '.join(SAVE_FORMATS)}")
+    if format == "auto":
+        format = "safetensors" if safetensors_io.is_safetensors(path) else "pt"
     structure = model_structure(compact_model)
     if structure is not Structure.COMPACT:
         raise ValueError(
@@ -203,6 +213,9 @@ def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, model_nam
         "seed": seed,
     }
     path = Path(path)
+    if format == "safetensors":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return safetensors_io.write(obj, path)
     atomic_save(obj, path)
     return path
 
@@ -214,6 +227,7 @@ def read_file(path: str | Path, *, label: str | None = None, trust_pickle: bool 
 
     Only tensors and plain data are unpickled (``weights_only=True``, plus the argparse
     Namespace and numpy scalars that official files carry) unless ``trust_pickle``.
+    A ``.safetensors`` file is read without pickle (:func:`cdnv2.safetensors_io.read`).
     """
     path = Path(path).expanduser()
     where = label or str(path)
@@ -225,6 +239,8 @@ def read_file(path: str | Path, *, label: str | None = None, trust_pickle: bool 
         raise CheckpointError(f"{where} is a directory, not a checkpoint file{hint}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{where} is empty (0 bytes) and cannot be read: it was never written completely")
+    if safetensors_io.is_safetensors(path):
+        return safetensors_io.read(path, where)
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)

@@ -52,7 +52,7 @@ class ConvertConfig:
     official: Optional[str] = None  # official file: its variant; None: detected from the keys
     weights: str = "auto"  # auto | ema | raw
     out: Optional[str] = None  # artifact path; None: <checkpoint>_compact.pt beside it
-    export: str = "none"  # none | torchscript | onnx | openvino | aoti | executorch | all
+    export: str = "none"  # none | torchscript | onnx | openvino | aoti | executorch | safetensors | all
     quantize: str = "none"  # none | int8: int8 copies of the exported ONNX / OpenVINO files
     calib_images: int = 300  # training images that calibrate the int8 ranges
     parity_samples: int = 8  # random images of the parity check
@@ -82,14 +82,14 @@ def _weights_bytes(model: torch.nn.Module) -> int:
     return buf.tell()
 
 
-def _save_artifact(out: Path, compact: torch.nn.Module, loaded: Loaded) -> Path:
+def _save_artifact(out: Path, compact: torch.nn.Module, loaded: Loaded, format: str = "auto") -> Path:
     metrics = dict(loaded.metrics or {})
     if metrics:
         metrics["measured_on"] = f"{loaded.structure} model of {loaded.path.name}"
     save_compact(
         out, compact, model_name=loaded.model_name, model_kwargs=loaded.model_kwargs,
         class_names=loaded.class_names, preprocess=loaded.preprocess, metrics=metrics or None,
-        data=loaded.data_config, seed=loaded.seed,
+        data=loaded.data_config, seed=loaded.seed, format=format,
     )
     return out
 
@@ -114,6 +114,10 @@ def run(cfg: ConvertConfig) -> dict:
     else:
         compact, out = convert_and_save(cfg, loaded, summary)
     summary["artifact"] = str(out)
+    if cfg.export == "safetensors":  # the weights to share: no pickle, metadata as JSON strings
+        shared = _save_artifact(out.with_suffix(".safetensors"), compact, loaded, format="safetensors")
+        summary["safetensors"] = str(shared)
+        print(f"safetensors: {shared} ({shared.stat().st_size / 1e6:.2f} MB)", flush=True)
     if formats:
         checks = export_files(compact, formats, out, loaded)
         summary["exports"] = [c.as_dict() for c in checks]
@@ -134,7 +138,7 @@ def validate(cfg: ConvertConfig) -> list[str]:
         )
     if cfg.parity_samples < 1 or cfg.cost_batch < 1:
         raise ConfigError(f"parity_samples={cfg.parity_samples} and cost_batch={cfg.cost_batch} must be >= 1")
-    formats = formats_for(cfg.export)
+    formats = [] if cfg.export == "safetensors" else formats_for(cfg.export)
     require([f for f in formats if f in PACKAGES])
     _check_quantize(cfg, formats)
     if cfg.out:

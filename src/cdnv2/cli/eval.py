@@ -27,6 +27,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .. import confusion as per_class
 from ..benchmark import compare_costs, cost_rows, device_note
 from ..checkpoint import Loaded, open_checkpoint
 from ..compact import Structure, convert_model
@@ -41,6 +42,7 @@ from .common import make_main, run_user_command
 from ..tables import format_grid, format_table
 
 PROG = "cdnv2-eval"
+WORST_CLASSES = 5  # rows of the worst-classes table
 PREPROCESS_KEYS = ("image_size", "eval_resize", "interpolation", "mean", "std")
 
 log = logging.getLogger("cdnv2")
@@ -292,8 +294,9 @@ def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Opti
         model.to(memory_format=torch.channels_last)
     bar = Progress(len(built.val_loader), "eval", cfg.progress, 10**9)
     result = evaluate(model, built.val_loader, device, autocast_dtype=autocast_dtype,
-                      channels_last=channels_last, progress=bar)
+                      channels_last=channels_last, progress=bar, confusion=True)
     bar.close()
+    names = loaded.class_names or built.class_names
 
     record: dict[str, Any] = {
         "checkpoint": str(loaded.path),
@@ -302,6 +305,7 @@ def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Opti
         "structure": loaded.structure,
         "weights": loaded.weights,
         **result.as_dict(),
+        **per_class.summary(result.confusion, names),
         "data": {"name": data_cfg.name, "root": data_cfg.root, "source": source, "seed": seed,
                  "eval_batch_size": data_cfg.eval_batch_size},
         "preprocess": built.eval_preprocess,
@@ -314,6 +318,8 @@ def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Opti
     error = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        record["files"], note = per_class.write_files(path, result.confusion, names,
+                                                      f"{loaded.model_name} on {data_cfg.name}")
         path.write_text(json.dumps(record, indent=2) + "\n")
         record["eval_json"] = str(path)
     except OSError as e:  # checked up front, but the disk can fill meanwhile: show the result anyway
@@ -321,6 +327,7 @@ def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Opti
         error = ConfigError(f"cannot write {path}: {e.strerror or e}; the result is in the table above. "
                             "Choose another place with out=PATH")
     print(summary_table(record), flush=True)
+    print(class_tables(record, note), flush=True)
     if cfg.cost:
         print(cost_table, flush=True)
     if error is not None:
@@ -346,6 +353,24 @@ def summary_table(r: dict) -> str:
                      + (f" (epoch {rec['epoch']})" if "epoch" in rec else "")))
     rows.append(("eval.json", r["eval_json"]))
     return format_table(rows, "cdnv2-eval")
+
+
+def class_tables(r: dict, note: Optional[str]) -> str:
+    """The worst classes (and, when there is no PNG, the largest confusions), plus the files."""
+    scores = [per_class.ClassScore(**c) for c in r["per_class"]]
+    worst = per_class.worst_classes(scores, WORST_CLASSES)
+    rows = [[s.name, str(s.samples), f"{s.accuracy:.1f}",
+             f"{s.confused_with} ({s.confused_count})" if s.confused_with else "-"] for s in worst]
+    text = format_grid(["class", "images", "top-1 %", "most often predicted instead"], rows,
+                       f"the {len(worst)} worst of {len(scores)} classes")
+    if note and r["top_confusions"]:
+        rows = [[c["true"], c["predicted"], str(c["count"]), f"{c['percent']:.1f}"] for c in r["top_confusions"][:10]]
+        text += "\n" + format_grid(["true class", "predicted as", "images", "% of class"], rows, "largest confusions")
+    files = [Path(f) for f in r["files"].values() if f]
+    text += f"\nper-class files in {files[0].parent}: " + ", ".join(f.name for f in files)
+    if note:
+        text += f"\n{note}"
+    return text
 
 
 # ----------------------------------------------------------------------------- Hydra shim
