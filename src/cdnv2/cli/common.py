@@ -42,7 +42,15 @@ def run_name_suffix(experiment: Optional[str], init: Optional[str], name: Option
     return "".join(f"-{p}" for p in parts)
 
 
+def usable_cpus(at_most: int) -> int:
+    """``min(at_most, CPUs this process may use)``: a loader default that torch does not warn
+    about on a small machine (its own check counts the CPU affinity the same way)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(at_most), cpus))
+
+
 OmegaConf.register_new_resolver("cdnv2_run_suffix", run_name_suffix, replace=True)
+OmegaConf.register_new_resolver("cdnv2_cpus", usable_cpus, replace=True)
 
 CONFIG_MODULE = "cdnv2.configs"
 
