@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -63,3 +65,17 @@ def test_run_name_suffix():
     assert run_name_suffix(None, None, None) == ""
     assert run_name_suffix("finetune", "/w/converted_cdnv2_a.pth.tar", "x") == "-finetune-from-converted_cdnv2_a-x"
     assert run_name_suffix(None, "a b/c d.pt", None) == "-from-c_d"
+
+
+@pytest.mark.slow  # cdnv2_b at 224: counting, condensing and the parity check take ~2 min on a loaded 2-core CPU
+def test_readme_python_snippet_runs(tmp_path):
+    """The README's first Python block, as written, after the quickstart (a stand-in artifact)."""
+    import cdnv2
+    from cdnv2.checkpoint import save_compact
+
+    block = re.search(r"From Python:\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    tiny = cdnv2.convert_model(cdnv2.condense_fully(cdnv2.create_model("cdnv2_tiny").eval()))
+    save_compact(tmp_path / "runs/cdnv2_tiny-shapes/model_compact.pt", tiny, model_name="cdnv2_tiny", model_kwargs={})
+    r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "FLOPs" in r.stdout or "flops" in r.stdout.lower(), r.stdout
