@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import cli
+from helpers import cli, run_like_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny imagefolder run: seconds on one thread.
@@ -79,3 +79,18 @@ def test_readme_python_snippet_runs(tmp_path):
     r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "FLOPs" in r.stdout or "flops" in r.stdout.lower(), r.stdout
+
+
+@pytest.mark.parametrize("model", ["cdnv2_tiny", "cdnv2_a"])
+def test_quick_experiment_is_small_for_cifar_and_imagenet_models(model, tmp_path):
+    """experiment=quick: 32 px, a few dozen images, 8 steps, every condensation step, convert."""
+    from cdnv2.cli.train import compose_train_config
+
+    overrides = ["experiment=quick", f"model={model}", "trainer.threads=1", "trainer.progress=none"]
+    cfg = compose_train_config(overrides)
+    assert cfg.data.image_size == 32 and cfg.data.num_train <= 64 and cfg.data.num_val <= 32
+    assert cfg.trainer.epochs * cfg.trainer.max_steps_per_epoch <= 8
+    report = run_like_cli(tmp_path, *overrides)
+    assert report["epochs"] == 2 and report["compact"]["parity_max_abs_diff"] < 1e-3
+    assert (tmp_path / "model_compact.pt").is_file()
+    print(f"{model}: {report['train_seconds']:.1f} s of training")  # measured, not asserted
