@@ -65,6 +65,7 @@ def test_predict_page_without_its_config_file():
     assert "input=" in page and "cdnv2-predict checkpoint=" in page and "optim=" not in page
 
 
+@pytest.mark.slow  # starts Hydra (and torch): 7-30 s
 def test_hydra_help_is_still_hydras():
     r = cli("cdnv2-viz", "--hydra-help", timeout=120)
     assert r.returncode == 0 and "Hydra" in r.stdout, r.stderr
