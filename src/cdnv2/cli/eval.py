@@ -335,11 +335,17 @@ def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Opti
     return record
 
 
+def model_description(r: dict) -> str:
+    """``cdnv2_tiny (compact, raw weights)``: the kind of file and its structure, once each."""
+    kinds = ", ".join(dict.fromkeys([r["kind"], r["structure"]]))
+    return f"{r['model']} ({kinds}, {r['weights']} weights)"
+
+
 def summary_table(r: dict) -> str:
     p = r["preprocess"]
     rows = [
         ("checkpoint", r["checkpoint"]),
-        ("model", f"{r['model']} ({r['kind']}, {r['structure']}, {r['weights']} weights)"),
+        ("model", model_description(r)),
         ("data", f"{r['data']['name']}{' ' + r['data']['root'] if r['data']['root'] else ''} "
                  f"({r['samples']} images; config from {r['data']['source']})"),
         ("preprocess", f"resize {p['resize']} {p['interpolation']}, crop {p['crop']}"),

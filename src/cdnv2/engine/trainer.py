@@ -345,8 +345,7 @@ class Trainer:
             self._callback("on_step_end")
             shown = {}
             if self.step % self.cfg.trainer.log_every == 0 or self.step == 1:
-                loss = self._log_train(seen * self.dist.world_size, tick)
-                shown = {"loss": f"{loss:.3f}" if loss is not None else "skip"}
+                shown = progress_loss(self._log_train(seen * self.dist.world_size, tick))
                 tick, seen = time.perf_counter(), 0
             bar.update(1, **shown)
             self._check_stop()
@@ -480,8 +479,8 @@ class Trainer:
     def _epoch_float(self) -> float:
         return self.epoch + self.batch_in_epoch / self.steps_per_epoch
 
-    def _log_train(self, images: int, since: float) -> float | None:
-        """Log the mean loss of the good steps since the last look; returns it (None: none)."""
+    def _log_train(self, images: int, since: float) -> HealthWindow:
+        """Log the mean loss of the good steps since the last look; returns that window."""
         window = self._collect_health()  # waits for the device: the rate below is real
         metrics = {
             "train/lr": self.optimizer.param_groups[0]["lr"],
@@ -493,7 +492,7 @@ class Trainer:
             with torch.no_grad():
                 metrics["train/lasso"] = float(self.condenser.lasso_penalty())
         self.logger.log(self.step, self._epoch_float(), metrics)
-        return window.loss
+        return window
 
     def eval_model(self) -> nn.Module:
         return self.state.eval_model()
@@ -562,6 +561,14 @@ class Trainer:
         self._callback("on_fit_end", report)
         cleanup(self.dist)
         return report
+
+
+def progress_loss(window: HealthWindow) -> dict[str, str]:
+    """What the progress line shows of a log window: its mean loss, ``skip`` only when every
+    step in it was skipped, nothing when a checkpoint or a condensation step already looked."""
+    if window.loss is not None:
+        return {"loss": f"{window.loss:.3f}"}
+    return {"loss": "skip"} if window.bad_steps else {}
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, callbacks: Iterable[Callback] = ()) -> dict:
