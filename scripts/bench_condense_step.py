@@ -14,6 +14,7 @@ final accuracy.
     python scripts/bench_condense_step.py                       # quickstart (shapes, 6 epochs)
     python scripts/bench_condense_step.py --data digits --epochs 30   # scikit-learn digits
     python scripts/bench_condense_step.py --with-fix --threads 2
+    python scripts/bench_condense_step.py --only-fix            # just the run with the fix
 
 ``--data digits`` writes scikit-learn's 8x8 digits (1,797 images) as a 32 px
 ImageFolder under the output folder (needs scikit-learn). Extra Hydra overrides go
@@ -40,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="default: the recipe's (shapes 6, digits 30)")
     p.add_argument("--recal-batches", type=int, default=8, help="batches for the re-estimated column")
     p.add_argument("--with-fix", action="store_true", help="also train with condense.bn_recal_batches on")
+    p.add_argument("--only-fix", action="store_true", help="only the run with condense.bn_recal_batches on")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides (after --)")
@@ -145,8 +147,9 @@ def main(argv=None) -> int:
         base.append(f"trainer.epochs={args.epochs}")
     base += args.overrides
     outputs = []
-    runs = [("condense.bn_recal_batches=0 (stale BN, the old behaviour)", "condense.bn_recal_batches=0", "stale")]
-    if args.with_fix:
+    runs = [] if args.only_fix else [
+        ("condense.bn_recal_batches=0 (stale BN, the old behaviour)", "condense.bn_recal_batches=0", "stale")]
+    if args.with_fix or args.only_fix:
         runs.append((f"condense.bn_recal_batches={args.recal_batches} (re-estimated in training)",
                      f"condense.bn_recal_batches={args.recal_batches}", "fixed"))
     for title, override, name in runs:

@@ -202,3 +202,37 @@ def test_optim_and_sched_groups_compose_and_validate():
     assert compose_train_config(["optim=adamw"]).optim.name == "adamw"
     with pytest.raises(ConfigError, match="sched.milestones"):
         validate_config(TrainConfig(sched=SchedConfig(name="step", milestones=[0.8, 0.5])))
+
+
+# ---------------------------------------------------------------- auto-augment policies
+@pytest.mark.parametrize("policy,cls", [
+    ("randaugment", "RandAugmentNoise"), ("trivialaugment", "TrivialAugmentWide"),
+    ("autoaugment", "AutoAugment"), ("augmix", "AugMix"), ("none", None),
+])
+def test_auto_augment_policies_build_and_run_on_tensors_and_pil(policy, cls):
+    from PIL import Image
+
+    from cdnv2.data.transforms import build_train_transform
+
+    cfg = DataConfig(auto_augment=policy, randaugment_magnitude=9)
+    transform = build_train_transform(cfg, [0.5] * 3, [0.3] * 3)
+    names = [type(op).__name__ for op in transform.transforms]
+    if cls:
+        assert cls in names
+    else:
+        assert not {"RandAugmentNoise", "TrivialAugmentWide", "AutoAugment", "AugMix"} & set(names)
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    for x in (img, Image.fromarray(img.permute(1, 2, 0).numpy())):
+        torch.manual_seed(1)
+        a = transform(x)
+        torch.manual_seed(1)
+        assert a.shape == (3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, transform(x))
+
+
+def test_randaugment_stays_off_without_a_magnitude_and_unknown_policies_are_refused():
+    from cdnv2.data.transforms import build_train_transform
+
+    names = [type(op).__name__ for op in build_train_transform(DataConfig(), [0.5] * 3, [0.3] * 3).transforms]
+    assert "RandAugmentNoise" not in names  # the default: randaugment, magnitude null
+    with pytest.raises(ConfigError, match="data.auto_augment='randaug'.*did you mean randaugment"):
+        validate_config(TrainConfig(data=DataConfig(auto_augment="randaug")))

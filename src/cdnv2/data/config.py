@@ -11,6 +11,7 @@ from ..errors import DataError  # noqa: F401  (re-exported: cdnv2.data.DataError
 DATASETS = ("shapes", "cifar10", "cifar100", "imagenet", "imagefolder")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 ON_CORRUPT = ("raise", "skip")
+AUTO_AUGMENTS = ("randaugment", "trivialaugment", "autoaugment", "augmix", "none")
 
 
 @dataclass
@@ -28,6 +29,7 @@ class DataConfig:
     interpolation: str = "bilinear"  # nearest | bilinear | bicubic, train and eval resizing
     mean: Optional[list[float]] = None  # per-channel normalisation; None: the dataset's own
     std: Optional[list[float]] = None  # same, standard deviation
+    auto_augment: str = "randaugment"  # randaugment (when randaugment_magnitude is set) | trivialaugment | autoaugment | augmix | none
     randaugment_magnitude: Optional[float] = None  # RandAugment magnitude; None: off
     randaugment_mstd: float = 0.5  # std of the per-op magnitude noise
     randaugment_num_ops: int = 2  # ops applied per image

@@ -342,9 +342,6 @@ class Trainer:
             self._check_stop()
         bar.close()
 
-    def _forward_loss(self, images, targets) -> torch.Tensor:
-        return self._micro_loss(*self._mix(images, targets))
-
     def _mix(self, images, targets) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixup/CutMix of the whole batch (seeded by the step); hard targets otherwise."""
         o = self.cfg.optim
@@ -353,7 +350,7 @@ class Trainer:
             return mixup_cutmix(images, targets, self.data.num_classes, o.mixup_alpha, o.cutmix_alpha, g)
         return images, targets
 
-    def _micro_loss(self, images, target) -> torch.Tensor:
+    def _forward_loss(self, images, target) -> torch.Tensor:
         """Mean loss of one (micro-)batch: to the device, forward, criterion, group lasso."""
         o = self.cfg.optim
         images = images.to(self.device, non_blocking=True)
@@ -386,7 +383,7 @@ class Trainer:
         # a non-finite loss poisons its gradients, so the scaler skips the step too.
         images, target = self._mix(images, targets)
         loss = accumulate_backward(
-            self.train_model, images, target, self.cfg.trainer.accum_steps, self._micro_loss, self.scaler,
+            self.train_model, images, target, self.cfg.trainer.accum_steps, self._forward_loss, self.scaler,
         )
         bad = self.health.record(self.step + 1, loss)
         if self.scaler:

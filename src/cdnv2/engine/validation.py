@@ -27,6 +27,7 @@ from torch import nn
 
 from ..condense import LASSO_LAYERS, condensing_layers, layer_kind
 from ..data import DataError, check_data_config
+from ..data.config import AUTO_AUGMENTS
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model, is_model, unknown_model_message
 from .config import (
@@ -208,6 +209,7 @@ _RULES: tuple = (
     _Choice("condense.lasso_layers", LASSO_LAYERS),
     _Range("condense.bn_recal_batches", lambda v: v >= 0, ">= 0 (training batches that re-estimate the "
            "BatchNorm statistics after each condensation step; 0: off)", 8),
+    _Choice("data.auto_augment", AUTO_AUGMENTS),
     _Range("trainer.epochs", lambda v: v >= 1, ">= 1"),
     _Range("trainer.device", lambda v: bool(_DEVICE.fullmatch(v)), "auto, cpu, cuda or cuda:N", "auto"),
     _Choice("trainer.amp", AMP_MODES),
