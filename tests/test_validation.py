@@ -43,7 +43,7 @@ CASES = [
     (dict(condense__end_fraction=0.0), "condense.end_fraction=0.0"),
     (dict(condense__lgc_fractions=[0.1]), "condense.lgc_fractions=[0.1]"),
     (dict(optim__name="adam"), "optim.name='adam'"),
-    (dict(sched__name="step"), "sched.name='step'"),
+    (dict(sched__name="exponential"), "sched.name='exponential'"),
     (dict(trainer__log_every=0), "trainer.log_every=0"),
     (dict(trainer__parity_samples=0), "trainer.parity_samples=0"),
     (dict(model__name="cdnv2_b", data__image_size=7), "data.image_size=7"),

@@ -36,6 +36,7 @@ class CondenseConfig:
     lasso_lambda: float = 0.0  # group-lasso weight; 0 = off (V2 ImageNet recipe)
     lasso_layers: list[str] = field(default_factory=lambda: ["lgc"])  # lgc and/or sfr
     restart: bool = False  # with init=PATH: reset the file's masks to dense, keep its weights
+    bn_recal_batches: int = 8  # train batches that re-estimate BN statistics after each step; 0: off
 
 
 

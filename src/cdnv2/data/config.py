@@ -16,6 +16,9 @@ MAX_IMAGE_SIZE = 4096  # pixels per side; CondenseNetV2's recipes use 32 to 320
 MIN_SHAPES_SIZE = 8  # the generated shapes need a few pixels to be told apart
 
 
+AUTO_AUGMENTS = ("randaugment", "trivialaugment", "autoaugment", "augmix", "none")
+
+
 @dataclass
 class DataConfig:
     """What to load and how to augment it. Simple field types only: this is also the
@@ -31,6 +34,7 @@ class DataConfig:
     interpolation: str = "bilinear"  # nearest | bilinear | bicubic, train and eval resizing
     mean: Optional[list[float]] = None  # per-channel normalisation; None: the dataset's own
     std: Optional[list[float]] = None  # same, standard deviation
+    auto_augment: str = "randaugment"  # randaugment (when randaugment_magnitude is set) | trivialaugment | autoaugment | augmix | none
     randaugment_magnitude: Optional[float] = None  # RandAugment magnitude; None: off
     randaugment_mstd: float = 0.5  # std of the per-op magnitude noise
     randaugment_num_ops: int = 2  # ops applied per image

@@ -34,6 +34,8 @@ from .distributed import all_reduce_sum, any_rank_each, barrier, cleanup, distri
 from .finalize import (
     convert_and_eval, masked_report, masks_identical, read_report, summary_table, write_report,
 )
+from .accumulate import accumulate_backward, check_accum
+from .bn_recal import recalibrate_after_condense
 from .health import HealthWindow, StepHealth
 from .init_from import init_model
 from .logger import MetricLogger, Progress, log
@@ -84,6 +86,7 @@ class Trainer:
             cfg.data, seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size,
             device_type=self.device.type,
         )
+        check_accum(cfg.data.batch_size, self.dist.world_size, cfg.trainer.accum_steps)  # recipes
         self.steps_per_epoch = self.data.steps_per_epoch
         if cfg.trainer.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.trainer.max_steps_per_epoch)
@@ -351,16 +354,21 @@ class Trainer:
             self._check_stop()
         bar.close()
 
-    def _forward_loss(self, images, targets) -> torch.Tensor:
+    def _mix(self, images, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup/CutMix of the whole batch (seeded by the step); hard targets otherwise."""
         o = self.cfg.optim
-        soft = None
         if o.mixup_alpha > 0 or o.cutmix_alpha > 0:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
-            images, soft = mixup_cutmix(images, targets, self.data.num_classes, o.mixup_alpha, o.cutmix_alpha, g)
+            return mixup_cutmix(images, targets, self.data.num_classes, o.mixup_alpha, o.cutmix_alpha, g)
+        return images, targets
+
+    def _forward_loss(self, images, target) -> torch.Tensor:
+        """Mean loss of one (micro-)batch: to the device, forward, criterion, group lasso."""
+        o = self.cfg.optim
         images = images.to(self.device, non_blocking=True)
         if self.cfg.trainer.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        target = (soft if soft is not None else targets).to(self.device, non_blocking=True)
+        target = target.to(self.device, non_blocking=True)
         ctx = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with ctx:
             logits = self.train_model(images)
@@ -379,19 +387,19 @@ class Trainer:
         t0 = time.perf_counter()
         lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.sched)
         set_lr(self.optimizer, lr, freeze_backbone=self.epoch < self.cfg.trainer.freeze_epochs)
-        loss = self._forward_loss(images, targets)
-        bad = self.health.record(self.step + 1, loss)
         if not self._momentum_primed:  # once per process: see prime_momentum
             prime_momentum(self.optimizer)
             self._momentum_primed = True
         self.optimizer.zero_grad(set_to_none=True)
+        # recipes: trainer.accum_steps micro-batches per optimizer step (engine/accumulate.py);
+        # a non-finite loss poisons its gradients, so the scaler skips the step too.
+        images, target = self._mix(images, targets)
+        loss = accumulate_backward(
+            self.train_model, images, target, self.cfg.trainer.accum_steps, self._forward_loss, self.scaler,
+        )
+        bad = self.health.record(self.step + 1, loss)
         if self.scaler:
-            # A non-finite loss must make the scaler skip the step too: poison every gradient.
-            poison = torch.where(bad > 0, float("nan"), 1.0)
-            self.scaler.scale(loss * poison).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if self.cfg.optim.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         if self.scaler:
@@ -439,13 +447,17 @@ class Trainer:
         if event is not None:
             if self.ema is not None:
                 self.ema.sync_structure(self.model)
+            # recipes: BN statistics of the pruned network (engine/bn_recal.py), before any save
+            recal_images = recalibrate_after_condense(self)
             metrics = {f"condense/density_{k}": v for k, v in event.density.items()}
+            metrics["condense/bn_recal_images"] = float(recal_images * self.dist.world_size)
             metrics.update({f"condense/stage_{k}": float(v) for k, v in event.stage.items()})
             self.logger.log(self.step, self._epoch_float(), metrics)
             if self.is_main:
                 log.info(
-                    "step %d: condensation stage %s, density %s", self.step, event.stage,
-                    {k: round(v, 4) for k, v in event.density.items()},
+                    "step %d: condensation stage %s, density %s; BN statistics re-estimated on %d images",
+                    self.step, event.stage, {k: round(v, 4) for k, v in event.density.items()},
+                    recal_images * self.dist.world_size,
                 )
             if self.cfg.trainer.stage_snapshots:
                 self.save(f"condense-step{self.step:07d}.pt")

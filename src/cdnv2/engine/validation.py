@@ -27,7 +27,7 @@ from torch import nn
 
 from ..condense import LASSO_LAYERS, condensing_layers, fractions_ok, layer_kind
 from ..data import DataError, check_data_config
-from ..data.config import memory_bytes
+from ..data.config import AUTO_AUGMENTS, memory_bytes
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model, is_model, unknown_model_message
 from .config import (
@@ -58,6 +58,7 @@ def validate_config(cfg: TrainConfig) -> None:
     _check_device(cfg)
     distributed_env()  # a partial torchrun environment: exit 2 before the run dir exists
     _check_schedule(cfg)
+    _check_accum(cfg)
     facts = model_facts(cfg.model.name, cfg.model.overrides())
     _check_image_size(cfg, facts)
     _check_model_size(cfg, facts)
@@ -193,7 +194,14 @@ _RULES: tuple = (
            "to keep the backbone still use trainer.freeze_epochs)", 10.0),
     _Range("optim.grad_clip", lambda v: v > 0, "> 0 (the largest gradient norm; null: no clipping)", 1.0,
            optional=True),
+    _Range("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+           "two numbers in [0, 1) (AdamW's beta1, beta2)", [0.9, 0.999]),
+    _Range("optim.eps", lambda v: v > 0, "> 0 (AdamW's epsilon)", 1e-8),
     _Choice("sched.name", SCHEDULES),
+    _Range("sched.milestones", lambda v: all(0 < f < 1 for f in v) and list(v) == sorted(v),
+           "increasing fractions in (0, 1) of the steps after the warmup (sched=step)", [0.5, 0.75]),
+    _Range("sched.decay_rate", lambda v: 0 < v <= 1, "in (0, 1] (sched=step: the lr factor at each milestone)",
+           0.1),
     _Range("sched.warmup_epochs", lambda v: v >= 0, ">= 0 (0: no warmup)"),
     _Range("sched.warmup_start_factor", lambda v: 0 <= v <= 1, "in [0, 1] (the warmup's first lr as a "
            "fraction of the peak)"),
@@ -203,6 +211,9 @@ _RULES: tuple = (
            "which all pruning is done (the paper: 0.5)"),
     _Range("condense.lasso_lambda", lambda v: v >= 0, ">= 0 (0: group lasso off)"),
     _Choice("condense.lasso_layers", LASSO_LAYERS),
+    _Range("condense.bn_recal_batches", lambda v: v >= 0, ">= 0 (training batches that re-estimate the "
+           "BatchNorm statistics after each condensation step; 0: off)", 8),
+    _Choice("data.auto_augment", AUTO_AUGMENTS),
     _Range("trainer.epochs", lambda v: v >= 1, ">= 1"),
     _Range("trainer.device", lambda v: bool(_DEVICE.fullmatch(v)), "auto, cpu, cuda or cuda:N", "auto"),
     _Choice("trainer.amp", AMP_MODES),
@@ -220,6 +231,8 @@ _RULES: tuple = (
     _Range("trainer.max_steps_per_epoch", lambda v: v >= 1, ">= 1 (null: no cap)", 100, optional=True),
     _Range("trainer.freeze_epochs", lambda v: v >= 0, ">= 0 (epochs that train only the classifier; "
            "0: none)", 1),
+    _Range("trainer.accum_steps", lambda v: v >= 1, ">= 1 (micro-batches per optimizer step; "
+           "data.batch_size stays the batch of one step)", 4),
     _Range("trainer.threads", lambda v: v >= 1, ">= 1 (null: torch's default)", 4, optional=True),
     _Range("trainer.deterministic", lambda v: v.strip().lower() in DETERMINISTIC_MODES,
            "auto (exact on CPU, fast on CUDA), true or false", "auto"),
@@ -253,6 +266,16 @@ def _check_device(cfg: TrainConfig) -> None:
     if t.amp == "bf16" and _cuda_wanted(t.device) and not torch.cuda.is_bf16_supported():
         raise ConfigError(
             "trainer.amp='bf16': this GPU does not support bfloat16; use trainer.amp=fp16 or none."
+        )
+
+
+def _check_accum(cfg: TrainConfig) -> None:
+    n, batch = cfg.trainer.accum_steps, cfg.data.batch_size
+    if batch % n:
+        raise ConfigError(
+            f"trainer.accum_steps={n} does not divide data.batch_size={batch}: each optimizer step's batch "
+            f"is cut into {n} equal micro-batches. Use a batch size that is a multiple of {n} (data.batch_size "
+            "is the batch of one optimizer step, not the micro-batch)."
         )
 
 
