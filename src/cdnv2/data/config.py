@@ -14,8 +14,6 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 ON_CORRUPT = ("raise", "skip")
 MAX_IMAGE_SIZE = 4096  # pixels per side; CondenseNetV2's recipes use 32 to 320
 MIN_SHAPES_SIZE = 8  # the generated shapes need a few pixels to be told apart
-
-
 AUTO_AUGMENTS = ("randaugment", "trivialaugment", "autoaugment", "augmix", "none")
 
 
