@@ -29,6 +29,7 @@ import enum
 import logging
 import os
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,7 +245,9 @@ def read_file(path: str | Path, *, label: str | None = None, trust_pickle: bool 
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(_data_only_globals()):
+        with torch.serialization.safe_globals(_data_only_globals()), warnings.catch_warnings():
+            # a raw pickle of protocol 3+ warns before it fails; the failure says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of foreign objects, random bytes ...
         raise _unreadable(where, e, path) from None

@@ -67,7 +67,8 @@ def distributed_env(environ: Mapping[str, str] = os.environ) -> DistInfo:
             not port.isdigit() or int(port) > 65535):
         raise ConfigError(
             f"inconsistent distributed environment: {shown}; RANK and LOCAL_RANK must be in "
-            "[0, WORLD_SIZE) and MASTER_PORT a port number. Launch with torchrun, or unset these variables for a single-process run."
+            "[0, WORLD_SIZE) and MASTER_PORT a port number. Launch with torchrun, or unset these "
+            "variables for a single-process run."
         )
     return DistInfo(rank, world, local or 0)
 
