@@ -150,6 +150,11 @@ def test_other_commands_never_replace_a_runs_files(tmp_path, finished):
     r = cli("cdnv2-eval", f"checkpoint={run}/model_compact.pt", f"out={run}/report.json")
     assert r.returncode == 2 and "would replace report.json" in r.stderr, r.stderr[-2000:]
     assert "top-1" not in r.stdout  # refused before evaluating
+    from cdnv2.cli.viz import VizConfig, run as viz
+    from cdnv2.errors import RunDirError
+
+    with pytest.raises(RunDirError, match=r"would replace tb/curves.png"):
+        viz(VizConfig(run_dir=str(run), out=str(run / "tb")))
     assert _tree(run, skip=(LOCK_NAME,)) == before
 
 
