@@ -101,8 +101,9 @@ def _layer_into(layer: "CompactDenseLayer", buf: torch.Tensor, c: int) -> None:
              + layer.static_pre_shift[..., None])
     y = torch.bmm(layer.static_weight, a.reshape(g, m, b * hgt * wid))  # (G, n, B*HW)
     y = _act(layer.act_kinds[1], unit.act, y + layer.static_bias)
-    # shuffle: grouped [g, d] -> interleaved channel d*G+g, batch first again
-    y = y.view(g, -1, b, hgt * wid).permute(2, 1, 0, 3).reshape(b, -1, hgt, wid)
+    # shuffle: grouped [g, d] -> interleaved channel d*G+g, written once, channels-last
+    # (the layout oneDNN's conv wants; NCHW here would cost Inductor a second copy)
+    y = y.view(g, -1, b, hgt, wid).permute(2, 3, 4, 1, 0).reshape(b, hgt, wid, -1).permute(0, 3, 1, 2)
     conv3 = unit.conv
     h = layer.se(F.conv2d(y, conv3.weight, conv3.bias, 1, 1, 1, conv3.groups))
     if layer.sfr is not None:
@@ -115,7 +116,9 @@ def _layer_into(layer: "CompactDenseLayer", buf: torch.Tensor, c: int) -> None:
         s = torch.bmm(layer.static_sfr_weight, a3.reshape(gs, k // gs, b * hgt * wid))  # (G, c'/G, B*HW)
         s = s.view(sfr.produced, b, hgt, wid).transpose(0, 1)
         buf.index_add_(1, sfr.index_long, s)  # produced channel r -> channel index[r] (< c)
-    buf[:, c:c + h.shape[1]] = h
+    # index_copy_, not a slice assignment: Inductor re-inplaces it into the block buffer,
+    # while a slice_scatter after the index_add_ above becomes a copy of the whole buffer
+    buf.index_copy_(1, torch.arange(c, c + h.shape[1], device=buf.device), h)
 
 
 def run_block_static(layers: list, x: torch.Tensor) -> torch.Tensor:
