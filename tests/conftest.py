@@ -33,3 +33,15 @@ def tiny_folder_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("folder_run")
     run_like_cli(run, *FOLDER_QUICK, f"data.root={data}")
     return run, data
+
+
+def quick_cli_run(tmp_path_factory):
+    """One finished ``cdnv2-train <QUICK>`` run for the whole session; tests that change
+    anything copy it first. Its last.pt holds the weights every interrupted QUICK run must
+    end with (an in-process run ends with the same ones)."""
+    from helpers import QUICK, cli
+
+    run = tmp_path_factory.mktemp("quick") / "run"
+    r = cli("cdnv2-train", *QUICK, f"hydra.run.dir={run}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return run

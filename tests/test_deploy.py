@@ -89,6 +89,34 @@ def test_round_trip_matches_pytorch_at_batch_1_3_32(compact, tmp_path, runtime):
         assert ir.get_rt_info(["cdnv2", "deploy.layer_forms"]).astype(str) == c.metadata["cdnv2.deploy.layer_forms"]
 
 
+def test_openvino_sessions_freed_in_any_order_leave_signal_handlers_working(compact, tmp_path):
+    """Two OpenVINO sessions freed in creation order, then a Python signal handler: with a
+    Core per session the handler ran on a freed alternate stack and the process died with
+    SIGSEGV (the crash that once split `make test` in two; docs/testing.md)."""
+    import gc
+    import os
+    import signal
+
+    from cdnv2.deploy.runtime import openvino_session
+
+    (c,) = export_and_check(compact, ["openvino"], tmp_path / "tiny", SIZE)
+    x = np.zeros((1, *SIZE), np.float32)
+    first = openvino_session(c.path)
+    second = openvino_session(c.path)
+    assert np.array_equal(first(x), second(x))
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+    ran = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: ran.append(True))
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert ran
+
+
 def test_every_conv_reads_its_weights_from_initializers(tmp_path):
     """Untrained BNs fold to equal (zero) biases, which the exporter would share through
     Identity nodes; onnxruntime's quantizer then leaves those biases fp32."""

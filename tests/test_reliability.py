@@ -24,11 +24,9 @@ from helpers import BIN, QUICK, assert_same_state, callback, cli, command_env, l
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(quick_cli_run):
     """An uninterrupted QUICK run: the weights every interrupted run must end with."""
-    d = tmp_path_factory.mktemp("ref")
-    run_like_cli(d, *QUICK)
-    return load(d / "checkpoints/last.pt")
+    return load(quick_cli_run / "checkpoints/last.pt")
 
 
 def _compare(run_dir: Path, reference: dict) -> None:

@@ -65,9 +65,19 @@ def report_classes():
     return list(SHAPES_CLASSES)
 
 
-def test_metrics_cover_condensation(tmp_path):
-    train(quick_config(log_every=1), tmp_path)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    """One quick run logging every step, with warmup and group lasso: its metrics.jsonl rows."""
+    cfg = quick_config(log_every=1)
+    cfg.condense.lasso_lambda = 1e-4
+    cfg.sched.warmup_epochs = 1
+    run = tmp_path_factory.mktemp("logged")
+    train(cfg, run)
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_cover_condensation(logged_run):
+    rows = logged_run
     names = set().union(*rows)
     for key in ("train/loss", "train/lr", "train/images_per_second", "val/top1", "val/top5",
                 "condense/density_lgc", "condense/density_sfr", "condense/stage_lgc"):
@@ -76,12 +86,8 @@ def test_metrics_cover_condensation(tmp_path):
     assert density == sorted(density, reverse=True) and density[-1] == pytest.approx(0.25)
 
 
-def test_lr_schedule_and_lasso_in_loss(tmp_path):
-    cfg = quick_config(log_every=1)
-    cfg.condense.lasso_lambda = 1e-4
-    cfg.sched.warmup_epochs = 1
-    train(cfg, tmp_path)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_lr_schedule_and_lasso_in_loss(logged_run):
+    rows = logged_run
     lrs = [r["train/lr"] for r in rows if "train/lr" in r]
     peak = 0.1 * 32 / 64
     assert lrs[0] == pytest.approx(peak * 0.25) and max(lrs) == pytest.approx(peak)
