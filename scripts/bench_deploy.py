@@ -57,6 +57,8 @@ def parse_args(argv=None):
                    help="ov-bf16: OpenVINO at bfloat16 precision (its default on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--int8", action="store_true", help="add int8 rows (OpenVINO/NNCF and ORT, random calibration)")
     p.add_argument("--profile", action="store_true", help="print per-op profiles of the compact/masked files")
+    p.add_argument("--xnnpack-batches", nargs="+", type=int, default=None,
+                   help="batch sizes of the XNNPACK programs, one .pte each (default: --batch)")
     p.add_argument("--own-forward", action="store_true",
                    help="compiled runtimes: also the compact model's own forward (non-strict torch.export)")
     return p.parse_args(argv)
@@ -154,7 +156,8 @@ def _compiled(rt: str, m: torch.nn.Module, label: str, args, tmp: Path, batches:
         program = _export(m, torch.randn(2, *size), True)
         run = load_aoti(torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / f"{slug}.pt2")))
         return {b: (lambda x, f=run: f(torch.from_numpy(x))) for b in batches}
-    runs = {b: _xnnpack(m, torch.randn(b, *size), tmp / f"{slug}-{b}.pte") for b in batches}
+    runs = {b: _xnnpack(m, torch.randn(b, *size), tmp / f"{slug}-{b}.pte")
+            for b in batches if args.xnnpack_batches is None or b in args.xnnpack_batches}
     return {b: (lambda x, f=run: f(torch.from_numpy(x))) for b, run in runs.items()}
 
 
@@ -209,6 +212,8 @@ def table(name: str, batch: int, times: dict, labels: list[str], args) -> list[s
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
     for rt in args.runtimes:
+        if (peer, rt) not in med:
+            continue  # a runtime without programs at this batch size (--xnnpack-batches)
         cells = [f"{med[(label, rt)]:.1f} ({min(times[(label, rt)]):.1f})" if (label, rt) in med else "-"
                  for label in labels if label != peer]
         c, m, p = med.get(("compact", rt)), med.get(("masked", rt)), med.get((peer, rt))
