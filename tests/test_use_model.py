@@ -229,8 +229,11 @@ def test_torch_hub_load_local_and_pretrained_paths(run, tmp_path):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))
-    import hubconf  # torch.hub.load put the repo on sys.path
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("cdnv2_hubconf", REPO / "hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
     assert all(callable(getattr(hubconf, name)) for name in cdnv2.list_models())
     assert cdnv2.create_model("cdnv2_tiny", pretrained=run / "model_compact.pt", num_classes=7)(x).shape == (2, 7)
     with pytest.raises(ValueError, match="downloads no weights"):
