@@ -12,6 +12,7 @@ from cdnv2.deploy.forms import ALL_FORMS, measure_forms
 from cdnv2.deploy.graph import PREACT_FORM, PREACT_FORMS, PreAct, compact_layers, layer_input_sizes
 from cdnv2.engine import TrainConfig, TrainerConfig, train
 from cdnv2.layers import CondensingConv1x1
+from helpers import condensed_tiny
 
 pytest.importorskip("onnxruntime", reason="deployment needs the cdnv2[export] extra")
 pytest.importorskip("openvino", reason="deployment needs the cdnv2[export] extra")
@@ -20,25 +21,9 @@ SIZE = (3, 32, 32)
 TINY_DATA = dict(num_train=384, num_val=128, batch_size=32)
 
 
-def _condensed_tiny(seed: int = 0) -> torch.nn.Module:
-    """cdnv2_tiny fully condensed, with BN statistics far from the identity (folds matter)."""
-    torch.manual_seed(seed)
-    model = cdnv2.create_model("cdnv2_tiny")
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.5)
-            m.running_var.uniform_(0.3, 3)
-            m.weight.data.normal_(0, 1)  # negative scales too
-            m.bias.data.normal_(0, 0.5)
-        if isinstance(m, CondensingConv1x1):
-            while not m.fully_condensed:
-                m.condense_step()
-    return cdnv2.convert_model(model.eval(), check=False)
-
-
 @pytest.fixture(scope="module")
 def compact():
-    return _condensed_tiny()
+    return condensed_tiny()
 
 
 @pytest.fixture(scope="module")

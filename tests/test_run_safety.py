@@ -24,8 +24,7 @@ from cdnv2.engine import train
 from cdnv2.engine.run_dir import LOCK_NAME, RESUMABLE_KEYS, RunDir
 from cdnv2.errors import RunDirError
 
-from helpers import BIN, QUICK, cli, load
-from test_train import quick_config
+from helpers import BIN, QUICK, cli, load, quick_config
 
 # A run long enough to be signalled while it trains (it never gets to finish).
 LONG = ["data.num_train=8192", "data.num_val=64", "data.batch_size=32", "trainer.epochs=2",

@@ -16,7 +16,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 from torchvision.transforms.autoaugment import _apply_op  # the op table RandAugment uses
 
-from .config import INTERPOLATIONS, DataConfig, DataError
+from .config import AUTO_AUGMENTS, INTERPOLATIONS, DataConfig, DataError
 
 _INTERPOLATION = {
     "nearest": InterpolationMode.NEAREST,
@@ -113,8 +113,37 @@ class ToFloatTensor:
         return f"{type(self).__name__}()"
 
 
+def auto_augment(cfg: DataConfig, mean: Sequence[float], interp: InterpolationMode):
+    """The policy ``data.auto_augment`` names (torchvision's implementations), or None.
+
+    ``randaugment`` is :class:`RandAugmentNoise` and is on only when
+    ``data.randaugment_magnitude`` is set (the recipes' semantics). Geometric ops fill with
+    the mean colour, as timm does, instead of black. AutoAugment uses the CIFAR-10 policy
+    on CIFAR and the ImageNet policy elsewhere.
+    """
+    fill = [round(255 * m) for m in mean]
+    name = cfg.auto_augment
+    if name == "randaugment":
+        if cfg.randaugment_magnitude is None:
+            return None
+        return RandAugmentNoise(
+            cfg.randaugment_num_ops, cfg.randaugment_magnitude, cfg.randaugment_mstd,
+            cfg.randaugment_num_bins, fill=fill,
+        )
+    if name == "trivialaugment":
+        return T.TrivialAugmentWide(interpolation=interp, fill=fill)
+    if name == "autoaugment":
+        policy = T.AutoAugmentPolicy.CIFAR10 if cfg.name.startswith("cifar") else T.AutoAugmentPolicy.IMAGENET
+        return T.AutoAugment(policy, interpolation=interp, fill=fill)
+    if name == "augmix":
+        return T.AugMix(interpolation=interp, fill=fill)
+    if name == "none":
+        return None
+    raise DataError(f"data.auto_augment={name!r} is not one of {', '.join(AUTO_AUGMENTS)}.")
+
+
 def build_train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """The train augmentation of ``cfg``: crop, flip, RandAugment, normalise, erase."""
+    """The train augmentation of ``cfg``: crop, flip, auto-augment policy, normalise, erase."""
     interp = interpolation_mode(cfg.interpolation)
     if cfg.random_resized_crop:
         ops: list[Any] = [
@@ -128,15 +157,9 @@ def build_train_transform(cfg: DataConfig, mean: Sequence[float], std: Sequence[
         ]
     if cfg.hflip:
         ops.append(T.RandomHorizontalFlip())
-    if cfg.randaugment_magnitude is not None:
-        # Geometric ops fill with the mean colour, as timm does, instead of black.
-        fill = [round(255 * m) for m in mean]
-        ops.append(
-            RandAugmentNoise(
-                cfg.randaugment_num_ops, cfg.randaugment_magnitude, cfg.randaugment_mstd,
-                cfg.randaugment_num_bins, fill=fill,
-            )
-        )
+    policy = auto_augment(cfg, mean, interp)
+    if policy is not None:
+        ops.append(policy)
     ops += [ToFloatTensor(), T.Normalize(mean, std)]
     if cfg.random_erasing > 0:
         # After Normalize: value="random" draws N(0, 1) per pixel, i.e. timm's "pixel" mode.

@@ -14,8 +14,8 @@ from ..condense import CondenseConfig
 from ..data import DataConfig
 
 # The names a string key accepts (cdnv2.engine.validation checks them).
-OPTIMIZERS = ("sgd",)
-SCHEDULES = ("cosine",)
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "linear", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 PROGRESS_MODES = ("auto", "bar", "lines", "none")
 NAN_POLICIES = ("raise", "skip")
@@ -48,14 +48,16 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with Nesterov momentum; weight decay on conv/linear weights only."""
+    """SGD with Nesterov momentum (the papers') or AdamW; weight decay on conv/linear weights only."""
 
-    name: str = "sgd"  # only sgd is implemented
+    name: str = "sgd"  # sgd | adamw (configs/optim/)
     lr: Optional[float] = None  # absolute lr; None: base_lr * batch_size / ref_batch_size
     base_lr: float = 0.1  # lr of the recipe at ref_batch_size
     ref_batch_size: int = 64  # global batch the recipe's base_lr was tuned for
-    momentum: float = 0.9  # SGD momentum
-    nesterov: bool = True  # Nesterov momentum
+    momentum: float = 0.9  # SGD momentum (sgd only)
+    nesterov: bool = True  # Nesterov momentum (sgd only)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas (adamw only)
+    eps: float = 1e-8  # AdamW epsilon (adamw only)
     weight_decay: float = 1e-4  # on conv/linear weights, not BN or biases
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     mixup_alpha: float = 0.0  # 0: mixup off
@@ -66,12 +68,14 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    """Per-iteration cosine schedule with linear warmup."""
+    """Per-iteration lr schedule after a linear warmup: cosine | step | linear | constant."""
 
-    name: str = "cosine"  # only cosine is implemented
+    name: str = "cosine"  # cosine | step | linear | constant (configs/sched/)
     warmup_epochs: float = 0.0  # linear warmup length
     warmup_start_factor: float = 0.25  # warmup starts at this fraction of the lr
-    min_lr: float = 0.0  # cosine floor
+    min_lr: float = 0.0  # cosine and linear: final lr; step: floor
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of training
+    decay_rate: float = 0.1  # step: lr factor at each milestone
 
 
 @dataclass
@@ -98,6 +102,7 @@ class TrainerConfig:
     deterministic: str = "auto"  # auto (exact on CPU, fast on CUDA) | true | false; set by the CLI
     threads: Optional[int] = None  # torch intra-op threads, set by the CLI; None: torch's default
     freeze_epochs: int = 0  # first epochs train only the classifier (backbone lr 0)
+    accum_steps: int = 1  # micro-batches per optimizer step; data.batch_size stays the step's batch
 
 
 @dataclass

@@ -1,12 +1,11 @@
 """Optimizer and learning-rate schedule."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .config import OptimConfig, SchedConfig
+from .schedules import lr_at  # noqa: F401  (the schedules live in engine/schedules.py)
 
 
 def resolve_lr(cfg: OptimConfig, batch_size: int) -> float:
@@ -39,17 +38,22 @@ def param_groups(model: nn.Module, weight_decay: float, head_lr_scale: float = 1
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, *, split_head: bool = False) -> torch.optim.Optimizer:
-    """SGD with the fused kernel: one kernel per step, and it can skip a step on the device.
+    """SGD (Nesterov) or AdamW with the fused kernel: one kernel per step, and it can skip a
+    step on the device.
 
-    The fused kernel reads ``found_inf`` (a 0-dim tensor) on the device and leaves the
-    parameters and momentum untouched when it is nonzero, which is how a non-finite step
-    is skipped without the host waiting for the device (:func:`step_unless`). The head has
-    groups of its own with ``split_head`` or a ``head_lr_scale`` != 1.
+    The fused kernels read ``found_inf`` (a 0-dim tensor) on the device and leave the
+    parameters and their state untouched when it is nonzero, which is how a non-finite step
+    is skipped without the host waiting for the device (:func:`step_unless`). AdamW's
+    decay is decoupled (torch's AdamW) and, as with SGD, applies to conv/linear weights
+    only. The head has groups of its own with ``split_head`` or a ``head_lr_scale`` != 1.
     """
+    groups = param_groups(model, cfg.weight_decay, cfg.head_lr_scale, split_head or cfg.head_lr_scale != 1.0)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
     if cfg.name != "sgd":
-        raise ValueError(f"optim.name={cfg.name!r} is not supported; use 'sgd'")
+        raise ValueError(f"optim.name={cfg.name!r} is not supported; use 'sgd' or 'adamw'")
     return torch.optim.SGD(
-        param_groups(model, cfg.weight_decay, cfg.head_lr_scale, split_head or cfg.head_lr_scale != 1.0),
+        groups,
         lr=lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -72,7 +76,7 @@ def prime_momentum(optimizer: torch.optim.Optimizer) -> None:
     from a zero buffer equals torch's first update (buffer = gradient) bit for bit.
     """
     for group in optimizer.param_groups:
-        if group["momentum"] == 0:
+        if group.get("momentum", 0) == 0:  # AdamW: its state is made zeroed on the host
             continue
         if group["dampening"] != 0:
             raise ValueError("prime_momentum needs dampening=0")
@@ -92,18 +96,6 @@ def step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> No
         optimizer.step()
     finally:
         del optimizer.found_inf
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, cfg: SchedConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine."""
-    if cfg.name != "cosine":
-        raise ValueError(f"sched.name={cfg.name!r} is not supported; use 'cosine'")
-    if step < warmup_steps:
-        start = peak_lr * cfg.warmup_start_factor
-        return start + (peak_lr - start) * step / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return cfg.min_lr + 0.5 * (peak_lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, *, freeze_backbone: bool = False) -> None:

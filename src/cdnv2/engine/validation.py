@@ -25,8 +25,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from ..condense import LASSO_LAYERS, condensing_layers, layer_kind
+from ..condense import LASSO_LAYERS, condensing_layers, fractions_ok, layer_kind
 from ..data import DataError, check_data_config
+from ..data.config import AUTO_AUGMENTS, memory_bytes
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model, is_model, unknown_model_message
 from .config import (
@@ -38,6 +39,7 @@ from .config import (
     SCHEDULES,
     TrainConfig,
 )
+from .distributed import distributed_env
 from .init_from import check_init_config
 from .optim import resolve_lr
 from .runtime import MODES as DETERMINISTIC_MODES
@@ -54,9 +56,12 @@ def validate_config(cfg: TrainConfig) -> None:
     except DataError as e:
         raise ConfigError(str(e)) from None
     _check_device(cfg)
+    distributed_env()  # a partial torchrun environment: exit 2 before the run dir exists
     _check_schedule(cfg)
+    _check_accum(cfg)
     facts = model_facts(cfg.model.name, cfg.model.overrides())
     _check_image_size(cfg, facts)
+    _check_model_size(cfg, facts)
     _check_condense(cfg, facts)
     _check_resume(cfg)
     check_init_config(cfg.init, cfg.init_weights)
@@ -189,15 +194,26 @@ _RULES: tuple = (
            "to keep the backbone still use trainer.freeze_epochs)", 10.0),
     _Range("optim.grad_clip", lambda v: v > 0, "> 0 (the largest gradient norm; null: no clipping)", 1.0,
            optional=True),
+    _Range("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+           "two numbers in [0, 1) (AdamW's beta1, beta2)", [0.9, 0.999]),
+    _Range("optim.eps", lambda v: v > 0, "> 0 (AdamW's epsilon)", 1e-8),
     _Choice("sched.name", SCHEDULES),
+    _Range("sched.milestones", lambda v: all(0 < f < 1 for f in v) and list(v) == sorted(v),
+           "increasing fractions in (0, 1) of the steps after the warmup (sched=step)", [0.5, 0.75]),
+    _Range("sched.decay_rate", lambda v: 0 < v <= 1, "in (0, 1] (sched=step: the lr factor at each milestone)",
+           0.1),
     _Range("sched.warmup_epochs", lambda v: v >= 0, ">= 0 (0: no warmup)"),
     _Range("sched.warmup_start_factor", lambda v: 0 <= v <= 1, "in [0, 1] (the warmup's first lr as a "
            "fraction of the peak)"),
     _Range("sched.min_lr", lambda v: v >= 0, ">= 0"),
-    _Range("condense.end_fraction", lambda v: 0 < v < 1, "in (0, 1): the fraction of training after "
+    # its even spread obeys the fractions' rule exactly when end_fraction itself does
+    _Range("condense.end_fraction", lambda v: fractions_ok([v]), "in (0, 1): the fraction of training after "
            "which all pruning is done (the paper: 0.5)"),
     _Range("condense.lasso_lambda", lambda v: v >= 0, ">= 0 (0: group lasso off)"),
     _Choice("condense.lasso_layers", LASSO_LAYERS),
+    _Range("condense.bn_recal_batches", lambda v: v >= 0, ">= 0 (training batches that re-estimate the "
+           "BatchNorm statistics after each condensation step; 0: off)", 8),
+    _Choice("data.auto_augment", AUTO_AUGMENTS),
     _Range("trainer.epochs", lambda v: v >= 1, ">= 1"),
     _Range("trainer.device", lambda v: bool(_DEVICE.fullmatch(v)), "auto, cpu, cuda or cuda:N", "auto"),
     _Choice("trainer.amp", AMP_MODES),
@@ -215,6 +231,8 @@ _RULES: tuple = (
     _Range("trainer.max_steps_per_epoch", lambda v: v >= 1, ">= 1 (null: no cap)", 100, optional=True),
     _Range("trainer.freeze_epochs", lambda v: v >= 0, ">= 0 (epochs that train only the classifier; "
            "0: none)", 1),
+    _Range("trainer.accum_steps", lambda v: v >= 1, ">= 1 (micro-batches per optimizer step; "
+           "data.batch_size stays the batch of one step)", 4),
     _Range("trainer.threads", lambda v: v >= 1, ">= 1 (null: torch's default)", 4, optional=True),
     _Range("trainer.deterministic", lambda v: v.strip().lower() in DETERMINISTIC_MODES,
            "auto (exact on CPU, fast on CUDA), true or false", "auto"),
@@ -251,6 +269,16 @@ def _check_device(cfg: TrainConfig) -> None:
         )
 
 
+def _check_accum(cfg: TrainConfig) -> None:
+    n, batch = cfg.trainer.accum_steps, cfg.data.batch_size
+    if batch % n:
+        raise ConfigError(
+            f"trainer.accum_steps={n} does not divide data.batch_size={batch}: each optimizer step's batch "
+            f"is cut into {n} equal micro-batches. Use a batch size that is a multiple of {n} (data.batch_size "
+            "is the batch of one optimizer step, not the micro-batch)."
+        )
+
+
 def _check_schedule(cfg: TrainConfig) -> None:
     s, epochs = cfg.sched, cfg.trainer.epochs
     if s.warmup_epochs > epochs:
@@ -274,6 +302,7 @@ class ModelFacts:
 
     downsampling: int  # input pixels per pixel of the last feature map
     condense_steps: dict  # layer kind ("lgc", "sfr", "classifier") -> condensation steps
+    parameters: int = 0  # weights and buffers (elements)
 
 
 def model_facts(name: str, overrides: dict) -> ModelFacts:
@@ -293,10 +322,10 @@ def _model_facts(name: str, overrides_json: str) -> ModelFacts:
     try:
         with torch.device("meta"):
             model = create_model(name, **overrides)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, OverflowError) as e:
         given = ", ".join(f"model.{k}={_show(v)}" for k, v in overrides.items())
         raise ConfigError(
-            f"model={name} cannot be built with {given}: {e}. Choose values that fit together (the "
+            f"model={name} cannot be built with {given}: {first_line(e)}. Choose values that fit together (the "
             "condense factors must divide the layer widths), or drop the override(s) to use the "
             "variant's own values."
         ) from None
@@ -309,7 +338,25 @@ def _model_facts(name: str, overrides_json: str) -> ModelFacts:
     steps: dict[str, int] = {}
     for _, layer in condensing_layers(model):
         steps[layer_kind(layer)] = max(steps.get(layer_kind(layer), 0), layer.num_steps)
-    return ModelFacts(downsampling, steps)
+    elements = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    return ModelFacts(downsampling, steps, elements)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message: torch's C++ errors append their stack frames."""
+    return (str(e).strip().splitlines() or [""])[0].strip().rstrip(".:")[:300]
+
+
+def _check_model_size(cfg: TrainConfig, facts: ModelFacts) -> None:
+    memory = memory_bytes()
+    # float32 weights, their gradients, optimizer state and the EMA copy: ~4 copies.
+    need = 4 * 4 * facts.parameters
+    if memory is not None and need > memory:
+        given = ", ".join(f"model.{k}={_show(v)}" for k, v in cfg.model.overrides().items()) or "its defaults"
+        raise ConfigError(
+            f"model={cfg.model.name} with {given} has {facts.parameters:,} weights: training it needs about "
+            f"{need / 2**30:,.0f} GiB, and this machine has {memory / 2**30:,.0f} GiB. Choose smaller values."
+        )
 
 
 def _check_image_size(cfg: TrainConfig, facts: ModelFacts) -> None:
@@ -332,7 +379,7 @@ def _check_fractions(key: str, values: Optional[list], steps: Optional[int], mod
             f"Remove the override ({key}=null)."
         )
     example = [round(s / (2 * steps), 4) for s in range(1, steps + 1)]
-    if len(values) != steps or not all(0 < v < 1 for v in values) or list(values) != sorted(set(values)):
+    if len(values) != steps or not fractions_ok(list(values)):
         raise ConfigError(
             f"{key}={_show(values)} does not fit model={model}: its {kind} layers condense in {steps} "
             f"step(s), so give {steps} strictly increasing fraction(s) of training in (0, 1), e.g. "
