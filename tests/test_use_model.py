@@ -114,7 +114,7 @@ def test_predictor_api_files_images_and_globs(run, val_with_corrupt):
         p.predict([broken])
     done, bad = p.predict_files([files[0], broken], topk=1)
     assert len(done) == 1 and bad[0][0] == str(broken) and "UnidentifiedImageError" in bad[0][1]
-    in_workers, bad_too = p.predict_files([broken, *files], topk=2, workers=2)  # same rows, same order
+    in_workers, bad_too = p.predict_files([*files, broken], topk=2, workers=2)  # same batches, same rows
     assert [x.as_dict() for x in in_workers] == [x.as_dict() for x in p.predict(files, topk=2)]
     assert bad_too == bad
     found = predict_cli.find_images(str(val_with_corrupt / "val" / "**" / "0*.png"))
