@@ -114,6 +114,9 @@ def test_predictor_api_files_images_and_globs(run, val_with_corrupt):
         p.predict([broken])
     done, bad = p.predict_files([files[0], broken], topk=1)
     assert len(done) == 1 and bad[0][0] == str(broken) and "UnidentifiedImageError" in bad[0][1]
+    in_workers, bad_too = p.predict_files([*files, broken], topk=2, workers=2)  # same batches, same rows
+    assert [x.as_dict() for x in in_workers] == [x.as_dict() for x in p.predict(files, topk=2)]
+    assert bad_too == bad
     found = predict_cli.find_images(str(val_with_corrupt / "val" / "**" / "0*.png"))
     assert len(found) == 32 and all(f.suffix == ".png" for f in found)
 
@@ -229,8 +232,11 @@ def test_torch_hub_load_local_and_pretrained_paths(run, tmp_path):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(model(x), ref(x))
-    import hubconf  # torch.hub.load put the repo on sys.path
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("cdnv2_hubconf", REPO / "hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
     assert all(callable(getattr(hubconf, name)) for name in cdnv2.list_models())
     assert cdnv2.create_model("cdnv2_tiny", pretrained=run / "model_compact.pt", num_classes=7)(x).shape == (2, 7)
     with pytest.raises(ValueError, match="downloads no weights"):

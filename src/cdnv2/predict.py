@@ -196,32 +196,33 @@ class Predictor:
         return predictions
 
     def predict_files(self, paths: Iterable[str | Path], topk: int = 5,
-                      progress: Callable[[int], Any] | None = None) -> tuple[list[Prediction], list[tuple[str, str]]]:
+                      progress: Callable[[int], Any] | None = None,
+                      workers: int = 0) -> tuple[list[Prediction], list[tuple[str, str]]]:
         """(predictions, unreadable) for image files; an unreadable file is listed as
-        ``(path, reason)``, not raised. ``progress(n)`` is called after each batch."""
-        return self._run([(str(p), p) for p in paths], topk, skip_unreadable=True, progress=progress)
+        ``(path, reason)``, not raised. ``progress(n)`` is called after each batch;
+        ``workers`` > 0 decodes the batches in that many loader processes."""
+        return self._run([(str(p), p) for p in paths], topk, skip_unreadable=True, progress=progress,
+                         workers=workers)
 
     # ------------------------------------------------------------------------- internals
     def _run(self, items: list[tuple[str, Any]], topk: int, skip_unreadable: bool,
-             progress: Callable[[int], Any] | None = None) -> tuple[list[Prediction], list[tuple[str, str]]]:
+             progress: Callable[[int], Any] | None = None,
+             workers: int = 0) -> tuple[list[Prediction], list[tuple[str, str]]]:
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
+        batches = _Batches(items, self.batch_size, self.transform)
+        if workers > 0:  # batch_size=None: each item already is a batch, in order
+            batches = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers)
         predictions: list[Prediction] = []
         unreadable: list[tuple[str, str]] = []
-        for chunk in _chunks(items, self.batch_size):
-            sources, tensors = [], []
-            for source, image in chunk:
-                try:
-                    tensors.append(self.transform(_decode(image)))
-                    sources.append(source)
-                except DataError as e:
-                    if not skip_unreadable:
-                        raise
-                    unreadable.append((source, _reason(e, source)))
-            if tensors:
-                predictions += self._top(sources, self.logits(torch.stack(tensors)), topk)
+        for sources, images, failed in batches:
+            if failed and not skip_unreadable:
+                raise DataError(failed[0][1])
+            unreadable += [(source, _reason(message, source)) for source, message in failed]
+            if images is not None:
+                predictions += self._top(sources, self.logits(images), topk)
             if progress is not None:
-                progress(len(chunk))
+                progress(len(sources) + len(failed))
         return predictions, unreadable
 
     def _top(self, sources: list[str], logits: torch.Tensor, topk: int) -> list[Prediction]:
@@ -248,9 +249,30 @@ def _decode(image: Any):
     raise TypeError(f"cannot classify a {type(image).__name__}: give a path, PIL image, array or tensor")
 
 
-def _reason(e: DataError, source: str) -> str:
+class _Batches(torch.utils.data.Dataset):
+    """Batch ``k`` of ``items``: (sources, preprocessed images or None, [(source, error)])."""
+
+    def __init__(self, items: list[tuple[str, Any]], batch_size: int, transform: Callable):
+        self.chunks = list(_chunks(items, batch_size))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int):
+        sources, tensors, failed = [], [], []
+        for source, image in self.chunks[k]:
+            try:
+                tensors.append(self.transform(_decode(image)))
+                sources.append(source)
+            except DataError as e:
+                failed.append((source, str(e)))
+        return sources, torch.stack(tensors) if tensors else None, failed
+
+
+def _reason(text: str, source: str) -> str:
     """The decoder's own words, without the training-data advice of load_image's message."""
-    text, head = str(e), f"Cannot read the image {source} ("
+    head = f"Cannot read the image {source} ("
     end = text.find("). ", len(head))
     reason = text[len(head):end] if text.startswith(head) and end > 0 else text
     return re.sub(r"\s*<_io\.\w+ name=.*?>", "", reason)  # PIL names the file object, not the file

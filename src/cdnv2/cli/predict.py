@@ -52,6 +52,7 @@ class PredictConfig:
     out: str = "predictions"  # folder for predictions.csv / predictions.json
     topk: int = 5  # classes per image (at most the model's number of classes)
     batch_size: int = 64  # images per forward pass
+    workers: int = 0  # loader processes decoding images; 0: in this process
     weights: str = "auto"  # training checkpoints: auto | ema | raw
     device: str = "auto"  # PyTorch models: auto | cpu | cuda | cuda:N (exported files: CPU)
     threads: Optional[int] = None  # CPU threads; None: torch's default
@@ -99,6 +100,8 @@ def check(cfg: PredictConfig) -> tuple[list[Path], Path]:
                           "such as input='photos/**/*.jpg'")
     if cfg.topk < 1 or cfg.batch_size < 1:
         raise ConfigError(f"topk={cfg.topk} and batch_size={cfg.batch_size} must be >= 1")
+    if cfg.workers < 0:
+        raise ConfigError(f"workers={cfg.workers} must be >= 0 (0 decodes the images in this process)")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads={cfg.threads} must be >= 1 (or leave it unset: torch's default)")
     resolve_device(cfg.device)
@@ -178,7 +181,7 @@ def run(cfg: PredictConfig) -> dict:
                           batch_size=cfg.batch_size)
     bar = Progress(len(images), "predict", cfg.progress, every=max(1, cfg.batch_size))
     start = time.perf_counter()
-    predictions, unreadable = predictor.predict_files(images, cfg.topk, progress=bar.update)
+    predictions, unreadable = predictor.predict_files(images, cfg.topk, progress=bar.update, workers=cfg.workers)
     seconds = time.perf_counter() - start
     bar.close()
     header = {
