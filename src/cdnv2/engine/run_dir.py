@@ -54,7 +54,7 @@ LOCK_NAME = ".cdnv2-run.lock"
 # Files a run cannot recreate cheaply: overwriting them loses work.
 _OUTPUT_GLOBS = ("checkpoints/*.pt", "model_compact*", "report.json")
 # Logs of a run that wrote no checkpoint yet: kept (moved aside), never mixed.
-_LOG_NAMES = ("metrics.jsonl", "metrics.csv", "tb")
+_LOG_NAMES = ("metrics.jsonl", "metrics.csv", "epochs.csv", "tb", "mlflow.db", "mlartifacts")
 # The launcher's files for the current run (Hydra's .hydra/): they stay when an old
 # run is moved aside.
 _LAUNCHER_NAMES = (".hydra",)
