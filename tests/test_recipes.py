@@ -241,10 +241,12 @@ def test_randaugment_stays_off_without_a_magnitude_and_unknown_policies_are_refu
 
 
 # ---------------------------------------------------------------- per-epoch log
-def test_epochs_csv_has_one_wide_row_per_epoch(tmp_path):
+def test_epochs_csv_and_tensorboard_hparams(tmp_path):
     import csv
 
-    train(_cfg(batch=32, accum=2), tmp_path)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    report = train(_cfg(batch=32, accum=2), tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "epochs.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"] and [r["step"] for r in rows] == ["2", "4"]
     assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "val_top1", "val_top5", "val_loss",
@@ -256,6 +258,9 @@ def test_epochs_csv_has_one_wide_row_per_epoch(tmp_path):
     assert float(rows[1]["density_lgc"]) == 0.25  # fully condensed (C=4) after epoch 2
     assert all(float(r["train_loss"]) > 0 and float(r["images_per_second"]) > 0 for r in rows)
     assert float(rows[0]["peak_memory_mib"]) > 10
+    events = EventAccumulator(str(tmp_path / "tb"))  # the HParams entry's final numbers
+    events.Reload()
+    assert events.Scalars("final/compact_top1")[0].value == pytest.approx(report["compact"]["top1"])
 
 
 # ---------------------------------------------------------------- distillation
@@ -326,12 +331,3 @@ def test_mlflow_run_in_a_local_store_reads_back(tmp_path):
     assert [m.step for m in top1] == [2, 4]
     assert run.data.metrics["final/compact_top1"] == pytest.approx(report["compact"]["top1"])
     assert (tmp_path / "tb").is_dir()
-
-
-def test_tensorboard_hparams_are_written_with_the_final_numbers(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    report = train(_cfg(batch=32, epochs=2), tmp_path)
-    events = EventAccumulator(str(tmp_path / "tb"))
-    events.Reload()
-    assert events.Scalars("final/compact_top1")[0].value == pytest.approx(report["compact"]["top1"])

@@ -28,21 +28,21 @@ from ..flops import count_cost
 from ..models import create_model
 from .. import checkpoint as ckpt
 from . import run_dir as rundir
+from .accumulate import accumulate_backward, check_accum
+from .bn_recal import recalibrate_after_condense
 from .callbacks import Callback
 from .config import AMP_MODES, TrainConfig, config_to_dict
+from .distill import build_teacher, distill_loss, teacher_logits
 from .distributed import all_reduce_sum, any_rank_each, barrier, cleanup, init_distributed
+from .epoch_log import EpochLog
 from .finalize import (
     convert_and_eval, has_report, masked_report, masks_identical, read_report, summary_table, write_report,
 )
-from .accumulate import accumulate_backward, check_accum
-from .bn_recal import recalibrate_after_condense
-from .distill import build_teacher, distill_loss, teacher_logits
-from .epoch_log import EpochLog
-from .hparams import log_tensorboard_hparams
-from .mlflow_logger import MlflowLogger, WithMlflow
 from .health import HealthWindow, StepHealth
+from .hparams import log_tensorboard_hparams
 from .init_from import init_model
 from .logger import MetricLogger, Progress, log
+from .mlflow_logger import MlflowLogger, WithMlflow
 from .optim import build_optimizer, lr_at, prime_momentum, resolve_lr, set_lr, step_unless
 from .resume import (
     check_compatible, check_identity, checkpoint_state, checkpoint_to_resume, restore, run_identity, start_afresh,
@@ -385,10 +385,10 @@ class Trainer:
         ctx = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with ctx:
             logits = self.train_model(images)
-            soft = teacher_logits(self.teacher, images, self.data.num_classes) if self.teacher is not None else None
+            taught = teacher_logits(self.teacher, images, self.data.num_classes) if self.teacher is not None else None
         loss = F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
-        if soft is not None:
-            loss = loss + self.cfg.distill.alpha * distill_loss(logits, soft, self.cfg.distill.temperature)
+        if taught is not None:  # recipes: soft targets of the teacher (engine/distill.py)
+            loss = loss + self.cfg.distill.alpha * distill_loss(logits, taught, self.cfg.distill.temperature)
         if self.condenser.lasso_active(self.step) and self.structure is Structure.MASKED:
             loss = loss + self.condenser.lasso_penalty()
         return loss
