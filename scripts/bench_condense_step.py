@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--recal-batches", type=int, default=8, help="batches for the re-estimated column")
     p.add_argument("--with-fix", action="store_true", help="also train with condense.bn_recal_batches on")
     p.add_argument("--only-fix", action="store_true", help="only the run with condense.bn_recal_batches on")
+    p.add_argument("--only-stale", action="store_true", help="only the run with condense.bn_recal_batches=0")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides (after --)")
@@ -99,6 +100,7 @@ class StepProbe(Trainer):
         row["after"] = self._top1(model)
         row["after_recal"] = self._top1(self._recal_copy(model))
         self.rows.append(row)
+        print("row", row, file=sys.stderr, flush=True)  # partial results survive a killed run
 
 
 def run(overrides: list[str], run_dir: Path, recal_batches: int, threads: int) -> tuple[list[dict], dict]:
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
     outputs = []
     runs = [] if args.only_fix else [
         ("condense.bn_recal_batches=0 (stale BN, the old behaviour)", "condense.bn_recal_batches=0", "stale")]
-    if args.with_fix or args.only_fix:
+    if (args.with_fix or args.only_fix) and not args.only_stale:
         runs.append((f"condense.bn_recal_batches={args.recal_batches} (re-estimated in training)",
                      f"condense.bn_recal_batches={args.recal_batches}", "fixed"))
     for title, override, name in runs:

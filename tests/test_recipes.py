@@ -7,7 +7,7 @@ from torch import nn
 
 from cdnv2.condense import CondenseConfig, condensing_layers
 from cdnv2.data import DataConfig
-from cdnv2.engine import TrainConfig, Trainer, TrainerConfig, train
+from cdnv2.engine import OptimConfig, TrainConfig, Trainer, TrainerConfig, train
 from cdnv2.engine.bn_recal import batchnorms, recalibrate_bn
 from cdnv2.engine.callbacks import Callback
 from cdnv2.engine.validation import validate_config
@@ -57,47 +57,49 @@ def test_recalibrate_bn_pools_ranks_as_one_set():
     assert torch.allclose(bn_a.running_var, both.var(0), rtol=0.02)
 
 
-class StepProbe(Callback):
-    """Validation top-1 right before and right after every condensation step."""
+class _Stop(Exception):
+    pass
 
-    def __init__(self):
-        self.rows = []
 
-    def on_step_end(self, trainer):
-        if trainer.condenser.due(trainer.step + 1):
-            self.before = trainer.run_eval(trainer.eval_model(), "probe").top1
-        if trainer.condenser.due(trainer.step):
-            after = trainer.run_eval(trainer.eval_model(), "probe").top1
-            self.rows.append((trainer.step, self.before, after))
+class FirstStepProbe(Trainer):
+    """Evaluates right before and right after the first condensation step, then stops."""
+
+    def after_step(self):
+        if not self.condenser.due(self.step + 1):
+            return super().after_step()
+        before = self.run_eval(self.eval_model(), "probe").top1
+        super().after_step()
+        raise _Stop(before, self.run_eval(self.eval_model(), "probe").top1)
+
+
+def _first_step(tmp_path, recal: int) -> tuple[float, float]:
+    cfg = TrainConfig(
+        data=DataConfig(num_train=2048, num_val=128, batch_size=32),
+        optim=OptimConfig(lr=0.1),
+        condense=CondenseConfig(bn_recal_batches=recal, lgc_fractions=[0.75, 0.85, 0.95],
+                                sfr_fractions=[0.75, 0.85, 0.95]),
+        trainer=TrainerConfig(epochs=1, progress="none", stage_snapshots=False),
+        resume="never",
+    )
+    with pytest.raises(_Stop) as stop:
+        FirstStepProbe(cfg, tmp_path / f"recal{recal}").fit()
+    return stop.value.args
 
 
 def test_bn_recal_keeps_accuracy_through_a_condensation_step(tmp_path):
-    """A tiny run that has learned something before its first step: with stale BN statistics
-    the step costs many points of validation top-1; re-estimated, it costs few.
-
-    (One step of training lies between the two evaluations, as in the bench script's
-    'after' column; docs/recipes.md has the full table.)"""
-    def run(recal, name):
-        cfg = TrainConfig(
-            data=DataConfig(num_train=512, num_val=128, batch_size=32),
-            condense=CondenseConfig(bn_recal_batches=recal, lgc_fractions=[0.4, 0.45, 0.5],
-                                    sfr_fractions=[0.4, 0.45, 0.5]),
-            trainer=TrainerConfig(epochs=2, progress="none", parity_samples=4, stage_snapshots=False),
-            resume="never",
-        )
-        probe = StepProbe()
-        train(cfg, tmp_path / name, callbacks=[probe])
-        return probe.rows
-
-    stale, fixed = run(0, "stale"), run(8, "fixed")
-    assert [r[0] for r in stale] == [r[0] for r in fixed]
-    drop_stale = max(b - a for _, b, a in stale)
-    drop_fixed = max(b - a for _, b, a in fixed)
-    assert stale[0][1] > 40  # learned something before the first step
-    assert drop_fixed <= 10, fixed
-    assert drop_stale > drop_fixed + 10, (stale, fixed)
+    """Top-1 right before and right after the first condensation step of a tiny run (step 48
+    of 64): with stale BN statistics the step costs most of what was learned; with them
+    re-estimated on 8 batches it stays within a few points (docs/recipes.md: the full run)."""
+    before, stale = _first_step(tmp_path, 0)
+    same_before, fixed = _first_step(tmp_path, 8)
+    print("top-1 before / after (stale BN) / after (re-estimated):", before, stale, fixed)
+    # measured: 49.2 before; 32.8 after with stale statistics, 48.4 re-estimated
+    assert before == same_before and before > 40, before  # learned something; same run up to here
+    assert before - fixed <= 5, (before, fixed)
+    assert before - stale >= 10, (before, stale)
 
 
+@pytest.mark.slow
 def test_bn_recal_is_exact_under_resume(tmp_path):
     """Crashed after a condensation step whose recal is not in the last checkpoint: the
     resumed run redoes the step and its recal and ends with the uninterrupted run's weights."""
@@ -236,3 +238,96 @@ def test_randaugment_stays_off_without_a_magnitude_and_unknown_policies_are_refu
     assert "RandAugmentNoise" not in names  # the default: randaugment, magnitude null
     with pytest.raises(ConfigError, match="data.auto_augment='randaug'.*did you mean randaugment"):
         validate_config(TrainConfig(data=DataConfig(auto_augment="randaug")))
+
+
+# ---------------------------------------------------------------- per-epoch log
+def test_epochs_csv_and_tensorboard_hparams(tmp_path):
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    report = train(_cfg(batch=32, accum=2), tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "epochs.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and [r["step"] for r in rows] == ["2", "4"]
+    assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "val_top1", "val_top5", "val_loss",
+                             "density_lgc", "density_sfr", "epoch_seconds", "images_per_second",
+                             "peak_memory_mib"]
+    metrics = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    top1 = [float(m["value"]) for m in metrics if m["name"] == "val/top1"]
+    assert [float(r["val_top1"]) for r in rows] == pytest.approx(top1)
+    assert float(rows[1]["density_lgc"]) == 0.25  # fully condensed (C=4) after epoch 2
+    assert all(float(r["train_loss"]) > 0 and float(r["images_per_second"]) > 0 for r in rows)
+    assert float(rows[0]["peak_memory_mib"]) > 10
+    events = EventAccumulator(str(tmp_path / "tb"))  # the HParams entry's final numbers
+    events.Reload()
+    assert events.Scalars("final/compact_top1")[0].value == pytest.approx(report["compact"]["top1"])
+
+
+# ---------------------------------------------------------------- distillation
+def test_distill_loss_is_t_squared_kl_of_the_soft_targets():
+    from cdnv2.engine.distill import distill_loss
+
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    temp = 3.0
+    p_t = torch.softmax(t / temp, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(s / temp, 1))).sum(1).mean()
+    assert torch.allclose(distill_loss(s, t, temp), kl * temp ** 2, atol=1e-6)
+    assert distill_loss(t, t, temp).abs() < 1e-6  # a student equal to its teacher pays nothing
+    s.requires_grad_(True)
+    distill_loss(s, t, 1.0).backward()  # T=1: gradient softmax(s) - softmax(t), per sample / batch
+    assert torch.allclose(s.grad, (torch.softmax(s, 1) - torch.softmax(t, 1)).detach() / 4, atol=1e-6)
+
+
+def test_teachers_from_torchvision_names_and_cdnv2_files(tmp_path):
+    from cdnv2.engine.distill import DistillConfig, build_teacher, teacher_logits
+
+    tv = build_teacher(DistillConfig(teacher="resnet18"), num_classes=3)  # no download: no weights
+    assert not tv.training and not any(p.requires_grad for p in tv.parameters())
+    assert teacher_logits(tv, torch.randn(2, 3, 32, 32), 3).shape == (2, 3)
+    torch.save(tv.state_dict(), tmp_path / "r18.pth")
+    loaded = build_teacher(DistillConfig(teacher="resnet18", teacher_weights=str(tmp_path / "r18.pth")), 3)
+    assert all(torch.equal(a, b) for a, b in zip(tv.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ConfigError, match="predicts 3 classes, the data has 5"):
+        teacher_logits(tv, torch.randn(2, 3, 32, 32), 5)
+    with pytest.raises(ConfigError, match="distill.teacher='resnet_51' is neither a file"):
+        validate_config(TrainConfig(distill=DistillConfig(teacher="resnet_51")))
+
+
+def test_distillation_run_logs_the_teacher_and_trains(tmp_path):
+    """A cdnv2 checkpoint as the teacher of a fresh student (with mixup, through accumulation)."""
+    import csv
+
+    from cdnv2.engine.distill import DistillConfig
+
+    teacher_report = train(_cfg(batch=32, epochs=2), tmp_path / "teacher")
+    cfg = _cfg(batch=32, accum=2, epochs=1)
+    cfg.distill = DistillConfig(teacher=str(tmp_path / "teacher" / "model_compact.pt"), alpha=1.0)
+    cfg.optim = OptimConfig(mixup_alpha=0.2)
+    report = train(cfg, tmp_path / "student")
+    metrics = list(csv.DictReader(open(tmp_path / "student" / "metrics.csv")))
+    teacher = [float(m["value"]) for m in metrics if m["name"] == "distill/teacher_top1"]
+    assert teacher == [pytest.approx(teacher_report["compact"]["top1"])]  # same val split, same model
+    assert report["steps"] == 2
+
+
+# ---------------------------------------------------------------- trackers
+def test_mlflow_run_in_a_local_store_reads_back(tmp_path):
+    """A real MLflow file store under the run folder: params, per-step metrics, final numbers."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from cdnv2.engine.mlflow_logger import EXPERIMENT, default_uri
+
+    cfg = _cfg(batch=32, epochs=2)
+    cfg.trainer.mlflow = True
+    report = train(cfg, tmp_path)
+    client = MlflowClient(tracking_uri=default_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.accum_steps"] == "1" and run.data.params["model.name"] == "cdnv2_tiny"
+    top1 = client.get_metric_history(run.info.run_id, "val/top1")
+    assert [m.step for m in top1] == [2, 4]
+    assert run.data.metrics["final/compact_top1"] == pytest.approx(report["compact"]["top1"])
+    assert (tmp_path / "tb").is_dir()

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from ..condense import CondenseConfig
 from ..data import DataConfig
+from .distill import DistillConfig
 
 # The names a string key accepts (cdnv2.engine.validation checks them).
 OPTIMIZERS = ("sgd", "adamw")
@@ -102,6 +103,8 @@ class TrainerConfig:
     deterministic: str = "auto"  # auto (exact on CPU, fast on CUDA) | true | false; set by the CLI
     threads: Optional[int] = None  # torch intra-op threads, set by the CLI; None: torch's default
     freeze_epochs: int = 0  # first epochs train only the classifier (backbone lr 0)
+    mlflow: bool = False  # also log to MLflow (the mlflow extra)
+    mlflow_uri: Optional[str] = None  # MLflow tracking URI; None: SQLite store <run dir>/mlflow.db
     accum_steps: int = 1  # micro-batches per optimizer step; data.batch_size stays the step's batch
 
 
@@ -115,6 +118,7 @@ class TrainConfig:
     sched: SchedConfig = field(default_factory=SchedConfig)
     condense: CondenseConfig = field(default_factory=CondenseConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0  # one seed for init, data order and augmentation
     resume: str = "auto"  # auto | never | path to a checkpoint
     init: Optional[str] = None  # start from these weights (any cdnv2 or official file); not a resume

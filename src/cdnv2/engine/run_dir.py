@@ -59,7 +59,7 @@ LOCK_NAME = ".cdnv2-run.lock"  # also the mark of a cdnv2 run folder
 # Files a run cannot recreate cheaply: overwriting them loses work.
 _OUTPUT_GLOBS = ("checkpoints/*.pt", "model_compact*", "report.json")
 # Logs of a run that wrote no checkpoint yet: kept (moved aside), never mixed.
-_LOG_NAMES = ("metrics.jsonl", "metrics.csv", "tb")
+_LOG_NAMES = ("metrics.jsonl", "metrics.csv", "epochs.csv", "tb", "mlflow.db", "mlartifacts")
 # The current sweep job's record (cli/sweeps.py): it stays when an old run is moved aside.
 _LAUNCHER_NAMES = ("job.json",)
 # Everything cdnv2 writes at the top of a run folder: the run itself (its lock, the
@@ -67,13 +67,13 @@ _LAUNCHER_NAMES = ("job.json",)
 # beside a run's files by default (eval.json, plots/, model_compact.* exports).
 _RUN_ENTRIES = (
     LOCK_NAME, ".hydra", "train.log", "job.json", "job.json.tmp", "checkpoints", "metrics.jsonl",
-    "metrics.csv", "tb", "report.json", "model_compact*", "eval.json", "plots", f".*{TMP_MARK}*",
+    "metrics.csv", "epochs.csv", "mlflow.db", "mlartifacts", "tb", "report.json", "model_compact*", "eval.json", "plots", f".*{TMP_MARK}*",
     ".cdnv2-write-test-*",
 )
 # A run's own files (relative paths): only its cdnv2-train writes them.
 _RUN_OWN_FILES = (
     "checkpoints", "checkpoints/last.pt", "checkpoints/prev.pt", "checkpoints/best.pt",
-    "checkpoints/condense-step*.pt", "report.json", "model_compact.pt", "metrics.jsonl", "metrics.csv",
+    "checkpoints/condense-step*.pt", "report.json", "model_compact.pt", "metrics.jsonl", "metrics.csv", "epochs.csv", "mlflow.db", "mlartifacts",
     "train.log", "job.json", LOCK_NAME, ".hydra", ".hydra/*", "tb", "tb/*",
 )
 

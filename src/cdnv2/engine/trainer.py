@@ -28,17 +28,21 @@ from ..flops import count_cost
 from ..models import create_model
 from .. import checkpoint as ckpt
 from . import run_dir as rundir
+from .accumulate import accumulate_backward, check_accum
+from .bn_recal import recalibrate_after_condense
 from .callbacks import Callback
-from .config import TrainConfig
+from .config import TrainConfig, config_to_dict
+from .distill import build_teacher, distill_loss, teacher_logits
 from .distributed import all_reduce_sum, any_rank_each, barrier, cleanup, distributed_env, init_distributed
+from .epoch_log import EpochLog
 from .finalize import (
     convert_and_eval, masked_report, masks_identical, read_report, summary_table, write_report,
 )
-from .accumulate import accumulate_backward, check_accum
-from .bn_recal import recalibrate_after_condense
 from .health import HealthWindow, StepHealth
+from .hparams import log_tensorboard_hparams
 from .init_from import init_model
 from .logger import MetricLogger, Progress, log
+from .mlflow_logger import MlflowLogger, WithMlflow
 from .optim import build_optimizer, lr_at, prime_momentum, resolve_lr, set_lr, step_unless
 from .resume import (
     check_compatible, check_identity, check_target_folder, checkpoint_state, checkpoint_to_resume, keep_fallback,
@@ -111,6 +115,10 @@ class Trainer:
         if cfg.trainer.channels_last:
             model.to(memory_format=torch.channels_last)
         self.condenser = Condenser(model, self.total_steps, cfg.condense, from_current_stage=bool(cfg.init))
+        # recipes: knowledge distillation (engine/distill.py)
+        self.teacher = (
+            build_teacher(cfg.distill, self.data.num_classes).to(self.device) if cfg.distill.teacher else None
+        )
         self.compact_training = resolve_compact_training(cfg.trainer.compact_training, self.device)
         self.autocast_dtype = AUTOCAST_DTYPES[cfg.trainer.amp]  # validation allows fp16 on CUDA only
         # What a checkpoint saves and a resume restores (_resume fills it from a checkpoint).
@@ -130,6 +138,16 @@ class Trainer:
         self._resume()
         self.train_model = self._wrap(self.model)
         self.logger = MetricLogger(self.run_dir if self.is_main and not self.finished else None)
+        # recipes: optional MLflow mirror of every logged scalar (engine/mlflow_logger.py)
+        self.mlflow = (
+            MlflowLogger(self.run_dir, config_to_dict(cfg), cfg.trainer.mlflow_uri)
+            if cfg.trainer.mlflow and self.is_main and not self.finished else None
+        )
+        if self.mlflow is not None:
+            self.logger = WithMlflow(self.logger, self.mlflow)
+        # recipes: one wide row per epoch in epochs.csv (engine/epoch_log.py)
+        self.epoch_log = EpochLog(self.run_dir if self.is_main and not self.finished else None,
+                                  list(self.condenser.density()))
         self._log_start()
 
     # The TrainState's objects and counters, read-only, for callbacks and the loop below;
@@ -307,6 +325,11 @@ class Trainer:
 
     def _train_epochs(self) -> None:
         self._callback("on_fit_start")
+        if self.teacher is not None:  # recipes: the teacher's accuracy, once per (re)start
+            teacher = self.run_eval(self.teacher, "eval teacher")
+            self.logger.log(self.step, self._epoch_float(), {"distill/teacher_top1": teacher.top1})
+            if self.is_main:
+                log.info("distillation teacher %s: val top1 %.2f%%", self.cfg.distill.teacher, teacher.top1)
         if self.structure is Structure.MASKED and self.condenser.step(self.step) and self.is_main:
             log.info("applied condensation stages due at step %d", self.step)
         if self._compact_training_due():
@@ -337,12 +360,14 @@ class Trainer:
             self.cfg.trainer.progress, self.cfg.trainer.log_every, self.is_main,
         )
         self._last_save = time.monotonic()
+        self.epoch_log.start()
         tick, seen = time.perf_counter(), 0
         for images, targets in self.data.train_loader:
             if self.batch_in_epoch >= self.steps_per_epoch:
                 break
             self.train_step(images, targets)
             seen += images.shape[0]
+            self.epoch_log.add_images(images.shape[0] * self.dist.world_size)
             self.state.batch_in_epoch += 1
             self.after_step()
             self._callback("on_step_end")
@@ -372,7 +397,10 @@ class Trainer:
         ctx = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with ctx:
             logits = self.train_model(images)
+            taught = teacher_logits(self.teacher, images, self.data.num_classes) if self.teacher is not None else None
         loss = F.cross_entropy(logits.float(), target, label_smoothing=o.label_smoothing)
+        if taught is not None:  # recipes: soft targets of the teacher (engine/distill.py)
+            loss = loss + self.cfg.distill.alpha * distill_loss(logits, taught, self.cfg.distill.temperature)
         if self.condenser.lasso_active(self.step) and self.structure is Structure.MASKED:
             loss = loss + self.condenser.lasso_penalty()
         return loss
@@ -414,6 +442,7 @@ class Trainer:
     def _collect_health(self) -> HealthWindow:
         """Look at the steps since the last look (one host sync); account for bad ones."""
         window = self.health.collect()
+        self.epoch_log.add_window(window.loss, window.good)
         if window.bad_steps:
             self._bad_step(window.bad_steps)
         return window
@@ -528,6 +557,9 @@ class Trainer:
         self.state.batch_in_epoch = 0
         self.state.last_eval = {"epoch": self.epoch, **result.as_dict()}
         self.logger.log(self.step, float(self.epoch), {f"val/{k}": v for k, v in result.as_dict().items()})
+        self._collect_health()
+        self.epoch_log.write(epoch=self.epoch, step=self.step, lr=self.optimizer.param_groups[0]["lr"],
+                             val=result.as_dict(), density=self.condenser.density(), device=self.device)
         if self.is_main:
             log.info(
                 "epoch %d/%d: val top1 %.2f%% top5 %.2f%% loss %.4f (%s)",
@@ -570,6 +602,10 @@ class Trainer:
         if self.is_main:
             write_report(self.run_dir, report)
             print(summary_table(report), flush=True)
+            if self.logger.enabled:  # recipes: hyper-parameters with the final numbers
+                log_tensorboard_hparams(self.logger.tb, config_to_dict(self.cfg), report)
+            if self.mlflow is not None:
+                self.mlflow.finish(report, self.step)
         self._callback("on_fit_end", report)
         cleanup(self.dist)
         return report

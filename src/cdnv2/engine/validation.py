@@ -40,7 +40,11 @@ from .config import (
     TrainConfig,
 )
 from .distributed import distributed_env
+
+
+from .distill import check_teacher
 from .init_from import check_init_config
+from .mlflow_logger import check_mlflow
 from .optim import resolve_lr
 from .runtime import MODES as DETERMINISTIC_MODES
 
@@ -65,6 +69,8 @@ def validate_config(cfg: TrainConfig) -> None:
     _check_condense(cfg, facts)
     _check_resume(cfg)
     check_init_config(cfg.init, cfg.init_weights)
+    check_teacher(cfg.distill)
+    check_mlflow(cfg.trainer.mlflow)
 
 
 # ---------------------------------------------------------------- types
@@ -214,6 +220,12 @@ _RULES: tuple = (
     _Range("condense.bn_recal_batches", lambda v: v >= 0, ">= 0 (training batches that re-estimate the "
            "BatchNorm statistics after each condensation step; 0: off)", 8),
     _Choice("data.auto_augment", AUTO_AUGMENTS),
+    _Range("distill.alpha", lambda v: v >= 0, ">= 0 (weight of the soft-target loss)", 1.0),
+    _Range("distill.temperature", lambda v: v > 0, "> 0 (softmax temperature, e.g. 4)", 4.0),
+    _Range("distill.teacher", lambda v: bool(v.strip()), "a file or a torchvision model name (null: off)",
+           "resnet50", optional=True),
+    _Range("distill.teacher_weights", lambda v: bool(v.strip()), "a state_dict file (null: none)",
+           "resnet50.pth", optional=True),
     _Range("trainer.epochs", lambda v: v >= 1, ">= 1"),
     _Range("trainer.device", lambda v: bool(_DEVICE.fullmatch(v)), "auto, cpu, cuda or cuda:N", "auto"),
     _Choice("trainer.amp", AMP_MODES),
@@ -233,6 +245,8 @@ _RULES: tuple = (
            "0: none)", 1),
     _Range("trainer.accum_steps", lambda v: v >= 1, ">= 1 (micro-batches per optimizer step; "
            "data.batch_size stays the batch of one step)", 4),
+    _Range("trainer.mlflow_uri", lambda v: bool(v.strip()), "an MLflow tracking URI (null: an SQLite store in "
+           "the run folder)", "http://localhost:5000", optional=True),
     _Range("trainer.threads", lambda v: v >= 1, ">= 1 (null: torch's default)", 4, optional=True),
     _Range("trainer.deterministic", lambda v: v.strip().lower() in DETERMINISTIC_MODES,
            "auto (exact on CPU, fast on CUDA), true or false", "auto"),
