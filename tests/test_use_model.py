@@ -137,6 +137,19 @@ def test_predict_onnx_export_matches_pytorch(run, val_with_corrupt, tmp_path):
         cdnv2.Predictor(tmp_path / "model.onnx")
 
 
+@pytest.mark.slow  # the AOTInductor compile takes minutes on a busy 2-core machine
+def test_predict_aoti_package_matches_pytorch(run, val_with_corrupt, tmp_path):
+    art = tmp_path / "model.pt"
+    shutil.copy(run / "model_compact.pt", art)
+    with restored_process_state():
+        convert_cli.run(convert_cli.ConvertConfig(checkpoint=str(art), export="aoti", bench=False))
+    files = sorted((val_with_corrupt / "val").glob("*/00*.png"))
+    want = cdnv2.Predictor(art).predict(files)
+    got = cdnv2.Predictor(tmp_path / "model.pt2").predict(files)
+    assert [x.labels for x in got] == [x.labels for x in want]
+    assert max(abs(a - b) for x, y in zip(got, want) for a, b in zip(x.probs, y.probs)) < 1e-4
+
+
 # ----------------------------------------------------------------------------- per-class eval
 def test_per_class_numbers_agree_with_top1(evaluated):
     record, out = evaluated

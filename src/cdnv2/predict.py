@@ -6,12 +6,12 @@
 
 The artifact brings its own eval preprocessing (resize, center crop, mean/std) and class
 names: a compact ``.pt`` or ``.safetensors`` artifact and a training checkpoint record
-them; an exported ``.onnx`` / OpenVINO ``.xml`` has them in its JSON sidecar
-(``model.onnx.json``, written by ``cdnv2-convert export=...``); an official release file
+them; an exported ``.onnx`` / OpenVINO ``.xml`` / AOTInductor ``.pt2`` has them in its
+JSON sidecar (``model.onnx.json``, written by ``cdnv2-convert export=...``); an official release file
 gets the official ImageNet preprocessing and numbered classes.
 
 Files are opened by the loader registered for their suffix in :data:`LOADERS`; a new
-format is one entry there (``LOADERS[".pt2"] = load_pt2``). Images are decoded as the
+format is one entry there (``LOADERS[".ext"] = load_ext``). Images are decoded as the
 training data is (:func:`cdnv2.data.folders.load_image`: 16-bit scaled, RGB).
 """
 from __future__ import annotations
@@ -105,6 +105,19 @@ def load_openvino(path: Path, device: torch.device, weights: str) -> Backend:
     return Backend(_numpy_runner(session), side["preprocess"], side.get("class_names"), "OpenVINO (CPU)")
 
 
+def load_pt2(path: Path, device: torch.device, weights: str) -> Backend:
+    """An AOTInductor package (``cdnv2-convert export=aoti``), compiled for the CPU."""
+    from .deploy.aoti import load_aoti
+
+    side = _read_sidecar(path)
+    runner = load_aoti(path)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return runner(x.cpu().contiguous()).float()
+
+    return Backend(run, side["preprocess"], side.get("class_names"), "AOTInductor package (CPU)")
+
+
 # The loader of each file suffix (anything else: load_torch, whose reader names the problem).
 LOADERS: dict[str, Callable[[Path, torch.device, str], Backend]] = {
     ".pt": load_torch,
@@ -113,6 +126,7 @@ LOADERS: dict[str, Callable[[Path, torch.device, str], Backend]] = {
     ".safetensors": load_torch,
     ".onnx": load_onnx,
     ".xml": load_openvino,
+    ".pt2": load_pt2,
 }
 
 

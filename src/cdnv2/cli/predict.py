@@ -47,7 +47,7 @@ SHOW_UNREADABLE = 10  # unreadable files listed on the terminal (all are in the 
 class PredictConfig:
     """cdnv2-predict's options (the Hydra schema of configs/predict.yaml)."""
 
-    checkpoint: Optional[str] = None  # compact .pt / .safetensors, training checkpoint, .onnx, OpenVINO .xml
+    checkpoint: Optional[str] = None  # compact .pt / .safetensors, training checkpoint, .onnx, OpenVINO .xml, .pt2
     input: Optional[str] = None  # an image, a folder (recursive) or a glob ('photos/**/*.jpg')
     out: str = "predictions"  # folder for predictions.csv / predictions.json
     topk: int = 5  # classes per image (at most the model's number of classes)
