@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import cdnv2
+from cdnv2.cli import predict as predict_cli
 from cdnv2.errors import UserError
 
 from helpers import condensed_tiny
@@ -61,3 +62,15 @@ def test_edited_files_still_untouched_when_valid(shared):
     p = cdnv2.Predictor(root / "m.safetensors")
     assert len(p.predict([image], topk=2)[0].labels) == 2
 
+
+def test_predict_out_into_a_runs_own_folder_is_refused(shared, tmp_path):
+    root, _, _, image = shared
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".cdnv2-run.lock").write_text("")
+    for sub in (".hydra", "tb"):
+        cfg = predict_cli.PredictConfig(checkpoint=str(root / "m.safetensors"), input=str(image),
+                                        out=str(run / sub), progress="none")
+        with pytest.raises(UserError, match="own files"):
+            predict_cli.run(cfg)
+    assert sorted(p.name for p in (run / ".hydra").iterdir()) == [] and not (run / "tb").exists()
