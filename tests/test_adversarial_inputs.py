@@ -74,3 +74,18 @@ def test_predict_out_into_a_runs_own_folder_is_refused(shared, tmp_path):
         with pytest.raises(UserError, match="own files"):
             predict_cli.run(cfg)
     assert sorted(p.name for p in (run / ".hydra").iterdir()) == [] and not (run / "tb").exists()
+
+
+@pytest.mark.parametrize("sidecar,message", [
+    ("[1, 2]", "records no preprocess"),
+    (json.dumps({"preprocess": {**PREPROCESS, "crop": 0}}), "crop=0"),
+    (json.dumps({"preprocess": PREPROCESS, "class_names": "abc"}), "class_names must be a list"),
+])
+def test_edited_export_sidecar_is_a_checkpoint_error(shared, tmp_path, sidecar, message):
+    from cdnv2.predict import load_onnx
+
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"not read: the sidecar is checked first")
+    (tmp_path / "m.onnx.json").write_text(sidecar)
+    with pytest.raises(UserError, match=message):
+        load_onnx(onnx, torch.device("cpu"), "auto")
