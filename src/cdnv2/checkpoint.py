@@ -42,7 +42,8 @@ from .compact import Structure, model_structure, restructure_for_state_dict
 from .compact import official
 from . import safetensors_io
 from .data.config import memory_bytes
-from .errors import CheckpointError
+from .data.transforms import check_eval_preprocess
+from .errors import CheckpointError, DataError
 from .models import create_model, is_model, unknown_model_message
 from .models import features_only as features_only_net
 from .safe_pickle import pickled_globals
@@ -362,6 +363,22 @@ def validate(obj: Any, where: str) -> None:
         raise CheckpointError(f"{where}: unknown structure {obj['structure']!r}; expected one of {structures}")
     if not isinstance(obj["model_state"], dict):
         raise CheckpointError(f"{where}: model_state is not a state dict")
+    _validate_metadata(obj, where)
+
+
+def _validate_metadata(obj: dict, where: str) -> None:
+    """The recorded fields the commands use are of the types written (an edited file's are not)."""
+    if not isinstance(obj["model_name"], str) or not isinstance(obj["model_kwargs"], (dict, type(None))):
+        raise CheckpointError(f"{where}: model_name must be a string and model_kwargs a dict (got "
+                              f"{type(obj['model_name']).__name__} and {type(obj['model_kwargs']).__name__})")
+    names = obj.get("class_names")
+    if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
+        raise CheckpointError(f"{where}: class_names must be a list of strings, got {str(names)[:100]!r}")
+    if obj.get("preprocess") is not None:
+        try:
+            check_eval_preprocess(obj["preprocess"], where)
+        except DataError as e:
+            raise CheckpointError(str(e)) from None
 
 
 def load_checkpoint(path: str | Path) -> dict:

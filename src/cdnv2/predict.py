@@ -28,7 +28,7 @@ from PIL import Image
 
 from .checkpoint import open_checkpoint
 from .data.folders import load_image
-from .data.transforms import build_eval_transform
+from .data.transforms import build_eval_transform, check_eval_preprocess
 from .errors import CheckpointError, DataError
 
 __all__ = ["LOADERS", "Backend", "Prediction", "Predictor"]
@@ -149,8 +149,15 @@ def _read_sidecar(path: Path) -> dict:
                 info = json.loads(side.read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{side}: cannot read the sidecar of {path} ({e})") from None
-            if not info.get("preprocess"):
+            if not isinstance(info, dict) or not info.get("preprocess"):
                 raise CheckpointError(f"{side} records no preprocess; re-export {path} with cdnv2-convert export=...")
+            try:
+                check_eval_preprocess(info["preprocess"], str(side))
+            except DataError as e:
+                raise CheckpointError(str(e)) from None
+            names = info.get("class_names")
+            if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+                raise CheckpointError(f"{side}: class_names must be a list of strings, got {str(names)[:100]!r}")
             return info
     raise CheckpointError(
         f"{path} has no sidecar {path.with_name(names[0])} with its preprocessing and class names; it is "

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data.folders import IMG_EXTENSIONS
 from ..engine.logger import Progress
-from ..engine.run_dir import check_writable
+from ..engine.run_dir import check_not_run_file, check_writable
 from ..engine.runtime import resolve_device
 from ..errors import ConfigError
 from ..predict import Prediction, Predictor
@@ -114,6 +114,8 @@ def check(cfg: PredictConfig) -> tuple[list[Path], Path]:
             f"input={cfg.input} holds no image files (looked for {' '.join(IMG_EXTENSIONS)}"
             f"{', recursively' if Path(cfg.input).expanduser().is_dir() else ''}); point it at your images"
         )
+    for name in FILES:  # e.g. out=<run>/.hydra or <run>/tb: a run's own folders
+        check_not_run_file(out / name, "out")
     check_writable(out, "output folder", "choose another place with out=PATH")
     return images, out
 

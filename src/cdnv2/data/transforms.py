@@ -16,7 +16,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 from torchvision.transforms.autoaugment import _apply_op  # the op table RandAugment uses
 
-from .config import AUTO_AUGMENTS, INTERPOLATIONS, DataConfig, DataError
+from .config import AUTO_AUGMENTS, INTERPOLATIONS, MAX_IMAGE_SIZE, DataConfig, DataError
 
 _INTERPOLATION = {
     "nearest": InterpolationMode.NEAREST,
@@ -179,14 +179,47 @@ def eval_preprocess(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]
     }
 
 
+PREPROCESS_KEYS = ("resize", "crop", "interpolation", "mean", "std")
+
+
+def check_eval_preprocess(p: Any, where: str = "eval_preprocess") -> None:
+    """Raise :class:`DataError` unless ``p`` is an eval preprocessing dict that
+    :func:`build_eval_transform` can use (a file's recorded values are not trusted)."""
+
+    def bad(what: str) -> DataError:
+        return DataError(
+            f"{where}: {what}; the eval preprocessing needs resize and crop (whole numbers of pixels, "
+            f"1 to {MAX_IMAGE_SIZE}), interpolation ({', '.join(INTERPOLATIONS)}), mean and std (equally long "
+            "lists of numbers, std not 0). The file is inconsistent (or edited)."
+        )
+
+    if not isinstance(p, dict):
+        raise bad(f"the recorded preprocessing is a {type(p).__name__}, not a dict")
+    missing = [k for k in PREPROCESS_KEYS if k not in p]
+    if missing:
+        raise bad(f"it lacks the key(s) {', '.join(missing)}")
+    for key in ("resize", "crop"):
+        v = p[key]
+        if key == "resize" and v in (None, 0):  # no resize before the crop
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_IMAGE_SIZE:
+            raise bad(f"{key}={v!r}")
+    if p["interpolation"] not in INTERPOLATIONS:
+        raise bad(f"interpolation={p['interpolation']!r}")
+    for key in ("mean", "std"):
+        v = p[key]
+        ok = isinstance(v, (list, tuple)) and 1 <= len(v) <= 64 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < float("inf") for x in v)
+        if not ok or (key == "std" and any(x == 0 for x in v)) or len(v) != len(p["mean"]):
+            raise bad(f"{key}={v!r}")
+
+
 def build_eval_transform(eval_preprocess: dict) -> Callable:
     """Rebuild the eval transform (resize, center crop, normalise) from its dict."""
-    try:
-        resize, crop = eval_preprocess["resize"], eval_preprocess["crop"]
-        interp = interpolation_mode(eval_preprocess["interpolation"])
-        mean, std = eval_preprocess["mean"], eval_preprocess["std"]
-    except KeyError as e:
-        raise DataError(f"eval_preprocess lacks the key {e}; it needs resize, crop, interpolation, mean, std.") from None
+    check_eval_preprocess(eval_preprocess)
+    resize, crop = eval_preprocess["resize"], eval_preprocess["crop"]
+    interp = interpolation_mode(eval_preprocess["interpolation"])
+    mean, std = eval_preprocess["mean"], eval_preprocess["std"]
     ops: list[Any] = []
     if resize:
         ops.append(T.Resize(int(resize), interpolation=interp, antialias=True))

@@ -1,0 +1,91 @@
+"""Inputs a user (or a stranger's file) can give that once ended in a traceback or wrote
+into a run's own folders: each is a one-paragraph user error now."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import cdnv2
+from cdnv2.cli import predict as predict_cli
+from cdnv2.errors import UserError
+
+from helpers import condensed_tiny
+
+PREPROCESS = {"resize": 32, "crop": 32, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A compact cdnv2_tiny saved as .safetensors, its tensors and metadata, and one image."""
+    from safetensors import safe_open
+
+    root = tmp_path_factory.mktemp("shared")
+    path = cdnv2.save_compact(root / "m.safetensors", condensed_tiny(), model_name="cdnv2_tiny",
+                              model_kwargs={}, class_names=[str(i) for i in range(10)],
+                              preprocess=PREPROCESS)
+    with safe_open(str(path), "pt") as f:
+        meta, state = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    image = root / "a.png"
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(image)
+    return root, meta, state, image
+
+
+BAD_METADATA = [
+    ("preprocess", "[1, 2]", "not a dict"),
+    ("preprocess", json.dumps({**PREPROCESS, "crop": "abc"}), "crop='abc'"),
+    ("preprocess", json.dumps({**PREPROCESS, "crop": -5}), "crop=-5"),
+    ("preprocess", json.dumps({**PREPROCESS, "resize": 10**6}), "resize=1000000"),  # once: a 10^12-pixel resize
+    ("preprocess", json.dumps({**PREPROCESS, "std": [0, 0, 0]}), "std="),
+    ("preprocess", json.dumps({**PREPROCESS, "mean": "x"}), "mean="),
+    ("preprocess", json.dumps({"crop": 32}), "lacks the key"),
+    ("class_names", "5", "class_names must be a list of strings"),
+    ("model_kwargs", "[1]", "model_kwargs a dict"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD_METADATA)
+def test_edited_safetensors_metadata_is_a_checkpoint_error(shared, key, value, message):
+    from safetensors.torch import save_file
+
+    root, meta, state, image = shared
+    path = root / f"edited_{key}.safetensors"
+    save_file(state, str(path), metadata={**meta, key: value})
+    with pytest.raises(UserError, match=message):
+        cdnv2.load_model(path)
+    with pytest.raises(UserError, match=message):
+        cdnv2.Predictor(path).predict([image], topk=2)
+
+
+def test_edited_files_still_untouched_when_valid(shared):
+    root, meta, state, image = shared
+    p = cdnv2.Predictor(root / "m.safetensors")
+    assert len(p.predict([image], topk=2)[0].labels) == 2
+
+
+def test_predict_out_into_a_runs_own_folder_is_refused(shared, tmp_path):
+    root, _, _, image = shared
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".cdnv2-run.lock").write_text("")
+    for sub in (".hydra", "tb"):
+        cfg = predict_cli.PredictConfig(checkpoint=str(root / "m.safetensors"), input=str(image),
+                                        out=str(run / sub), progress="none")
+        with pytest.raises(UserError, match="own files"):
+            predict_cli.run(cfg)
+    assert sorted(p.name for p in (run / ".hydra").iterdir()) == [] and not (run / "tb").exists()
+
+
+@pytest.mark.parametrize("sidecar,message", [
+    ("[1, 2]", "records no preprocess"),
+    (json.dumps({"preprocess": {**PREPROCESS, "crop": 0}}), "crop=0"),
+    (json.dumps({"preprocess": PREPROCESS, "class_names": "abc"}), "class_names must be a list"),
+])
+def test_edited_export_sidecar_is_a_checkpoint_error(shared, tmp_path, sidecar, message):
+    from cdnv2.predict import load_onnx
+
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"not read: the sidecar is checked first")
+    (tmp_path / "m.onnx.json").write_text(sidecar)
+    with pytest.raises(UserError, match=message):
+        load_onnx(onnx, torch.device("cpu"), "auto")
