@@ -14,7 +14,7 @@ import pytest
 
 from cdnv2.cli import launchers, search, sweeps
 from cdnv2.errors import ConfigError, UserError
-from helpers import BIN, QUICK, cli
+from helpers import BIN, QUICK, callback, cli, command_env
 
 SWEEP = [*QUICK, "trainer.epochs=2"]
 
@@ -149,7 +149,7 @@ def test_sweep_records_a_failing_job_and_skips_finished_ones(tmp_path):
 def test_killed_sweep_resumes_its_unfinished_job(tmp_path):
     args = ["-m", *SWEEP, "model.lgc_condense=3,4"]
     sweep_dir = tmp_path / "sweeps" / sweeps.derive_sweep_name(args)
-    killed = cli("cdnv2-train", *args, cwd=tmp_path, env={"CDNV2_TEST_KILL_AT_STEP": "6"})  # epoch 2 of 2
+    killed = cli("cdnv2-train", *args, callback("kill", "KillAtStep", step=6), cwd=tmp_path)  # epoch 2 of 2
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (sweep_dir / "1" / "checkpoints" / "last.pt").exists()
     resumed = cli("cdnv2-train", *args, cwd=tmp_path)
@@ -197,8 +197,8 @@ def _task_pid(folder: Path) -> int | None:
 def test_submitit_local_preemption_checkpoints_requeues_and_resumes(tmp_path):
     """The stock hydra/launcher=submitit_local: preempt a job, it checkpoints, requeues, finishes."""
     args = ["-m", "hydra/launcher=submitit_local", *SWEEP, "trainer.epochs=3", "sweep_name=pre"]
-    env = {**os.environ, "PYTHONHASHSEED": "0", "CDNV2_TEST_STEP_SLEEP": "0.5"}
-    proc = subprocess.Popen([str(BIN / "cdnv2-train"), *args], cwd=tmp_path, env=env,
+    slow = callback("slow", "SlowSteps", seconds=0.5)  # time to preempt it mid-run
+    proc = subprocess.Popen([str(BIN / "cdnv2-train"), *args, slow], cwd=tmp_path, env=command_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "sweeps" / "pre" / "0"
     metrics, deadline = run_dir / "metrics.jsonl", time.time() + 300
@@ -223,8 +223,7 @@ def test_submitit_local_preemption_checkpoints_requeues_and_resumes(tmp_path):
 def test_slurm_local_records_a_job_whose_process_died(tmp_path):
     """hydra/launcher=slurm_local: the first job to reach step 3 is SIGKILLed; the other finishes."""
     args = ["-m", "hydra/launcher=slurm_local", *SWEEP, "seed=0,1", "sweep_name=dead"]
-    r = cli("cdnv2-train", *args, cwd=tmp_path,
-            env={"CDNV2_TEST_KILL_AT_STEP": "3", "CDNV2_TEST_KILL_ONCE": str(tmp_path / "once")})
+    r = cli("cdnv2-train", *args, callback("kill", "KillAtStep", step=3, once=str(tmp_path / "once")), cwd=tmp_path)
     assert r.returncode == sweeps.SWEEP_EXIT_CODE, r.stderr[-3000:]
     rows = _summary(tmp_path / "sweeps" / "dead")
     assert sorted(row["status"] for row in rows) == ["died", "finished"], rows
