@@ -32,7 +32,7 @@ from .accumulate import accumulate_backward, check_accum
 from .bn_recal import recalibrate_after_condense
 from .callbacks import Callback
 from .config import AMP_MODES, TrainConfig, config_to_dict
-from .distill import build_teacher, distill_loss, teacher_logits
+from .distill import distill_loss, load_teacher, teacher_logits
 from .distributed import all_reduce_sum, any_rank_each, barrier, cleanup, init_distributed
 from .epoch_log import EpochLog
 from .finalize import (
@@ -119,9 +119,9 @@ class Trainer:
             if cfg.trainer.ema_decay else None
         )
         # recipes: knowledge distillation (engine/distill.py)
-        self.teacher = (
-            build_teacher(cfg.distill, self.data.num_classes).to(self.device) if cfg.distill.teacher else None
-        )
+        self.teacher = load_teacher(
+            cfg.distill, self.data.num_classes, next(iter(self.data.val_loader))[0][:2], self.device,
+        ) if cfg.distill.teacher else None
         self.compact_training = resolve_compact_training(cfg.trainer.compact_training, self.device)
         self.autocast_dtype = _AMP[cfg.trainer.amp]  # validation allows fp16 on CUDA only
         self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
