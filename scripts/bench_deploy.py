@@ -1,16 +1,22 @@
 #!/usr/bin/env python
-"""Speed of the deployed CondenseNetV2 in ONNX Runtime and OpenVINO (CPU), next to its peers.
+"""Speed of the deployed CondenseNetV2 on the CPU in every runtime, next to its peers.
 
 For each variant: the compact model, the masked (uncondensed, dense masked convs) model
-and the FLOPs-equal torchvision peer, in PyTorch eager, ONNX Runtime and OpenVINO, at
-each batch size; ms per batch (224x224, fp32), the median (min) of --repeats runs timed
-round-robin over all models and runtimes of that batch (load from other processes hits
-all alike), and the ratios from the same run. ``--int8`` adds the statically quantized
-compact model (random calibration images: speed only; accuracy is cdnv2-convert's table).
+and the FLOPs-equal torchvision peer, in PyTorch eager, ONNX Runtime, OpenVINO,
+``torch.compile`` (Inductor, ``dynamic=True``: one graph for all batch sizes), AOTInductor (``.pt2``) and ExecuTorch with XNNPACK
+(``.pte``), at each batch size; ms per batch (224x224, fp32), the median (min) of
+--repeats runs timed round-robin over all models and runtimes of that batch (load from
+other processes hits all alike), and the ratios from the same run. The compiled
+runtimes get what ``cdnv2-convert export=aoti|executorch`` exports for the compact model
+(:func:`cdnv2.deploy.program.export_module`) and the masked model and the peer as they
+are; ``--own-forward`` adds the compact model's own forward (non-strict ``torch.export``;
+``torch.compile`` with graph breaks) as ``compact[own]`` (not for XNNPACK). ``--int8`` adds the statically quantized compact model (random
+calibration images: speed only; accuracy is cdnv2-convert's table).
 
     python scripts/bench_deploy.py --variants cdnv2_b                 # one variant (minutes)
     python scripts/bench_deploy.py --variants cdnv2_b --forms auto dense/grouped auto:bn --batch 32
     python scripts/bench_deploy.py --variants cdnv2_b --profile       # per-op profiles too
+    python scripts/bench_deploy.py --variants cdnv2_a cdnv2_b --runtimes eager ort compile aoti xnnpack
 """
 from __future__ import annotations
 
@@ -33,7 +39,8 @@ from cdnv2.deploy import export_onnx
 from cdnv2.deploy.runtime import openvino_op_profile, openvino_session, ort_session
 
 PEERS = {"cdnv2_a": "shufflenet_v2_x0_5", "cdnv2_b": "shufflenet_v2_x1_0", "cdnv2_c": "mobilenet_v2"}
-RUNTIMES = ("eager", "ort", "ov", "ov-bf16")  # ov-bf16: OpenVINO's own default on CPUs with bfloat16
+RUNTIMES = ("eager", "ort", "ov", "ov-bf16", "compile", "aoti", "xnnpack")  # ov-bf16: OpenVINO at bfloat16
+COMPILED = ("compile", "aoti", "xnnpack")
 
 
 def parse_args(argv=None):
@@ -50,6 +57,10 @@ def parse_args(argv=None):
                    help="ov-bf16: OpenVINO at bfloat16 precision (its default on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--int8", action="store_true", help="add int8 rows (OpenVINO/NNCF and ORT, random calibration)")
     p.add_argument("--profile", action="store_true", help="print per-op profiles of the compact/masked files")
+    p.add_argument("--xnnpack-batches", nargs="+", type=int, default=None,
+                   help="batch sizes of the XNNPACK programs, one .pte each (default: --batch)")
+    p.add_argument("--own-forward", action="store_true",
+                   help="compiled runtimes: also the compact model's own forward (non-strict torch.export)")
     return p.parse_args(argv)
 
 
@@ -101,6 +112,73 @@ def build_files(name: str, args, tmp: Path) -> tuple[dict, dict]:
     return files, eager
 
 
+def compiled_modules(name: str, eager: dict, args) -> dict:
+    """{label: module} that the compiled runtimes compile: the compact model's export module."""
+    from cdnv2.deploy.export import _exportable_copy
+    from cdnv2.deploy.program import export_module
+
+    mods = {"compact": export_module(eager["compact"], (3, args.size, args.size))}
+    if args.own_forward:
+        mods["compact[own]"] = _exportable_copy(eager["compact"])
+    mods.update({label: m for label, m in eager.items() if label != "compact"})
+    return mods
+
+
+def compiled_callables(mods: dict, args, tmp: Path, batches: list[int]) -> dict:
+    """{batch: {(label, runtime): fn}}: torch.compile and AOTInductor take any batch (one
+    program each), XNNPACK one program per batch size (ExecuTorch plans memory ahead).
+    A model a runtime cannot take is reported and left out (its cell reads "-")."""
+    per_batch: dict = {b: {} for b in batches}
+    for label, m in mods.items():
+        for rt in (r for r in COMPILED if r in args.runtimes):
+            if label == "compact[own]" and rt == "xnnpack":
+                continue  # its gathers and batched GEMMs stay outside XNNPACK: not a mobile candidate
+            print(f"{rt}: {label}", file=sys.stderr, flush=True)
+            try:
+                for b, fn in _compiled(rt, m, label, args, tmp, batches).items():
+                    per_batch[b][(label, rt)] = fn
+            except Exception as e:  # noqa: BLE001 - a benchmark row, not a product path
+                print(f"{rt}: {label} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                      file=sys.stderr, flush=True)
+    return per_batch
+
+
+def _compiled(rt: str, m: torch.nn.Module, label: str, args, tmp: Path, batches: list[int]) -> dict:
+    from cdnv2.deploy.aoti import load_aoti
+
+    slug = label.replace("[", "-").replace("]", "")
+    size = (3, args.size, args.size)
+    if rt == "compile":
+        f = torch.compile(m, dynamic=True)  # one graph for every batch size, like the .pt2
+        f(torch.randn(batches[0], *size))  # compile errors surface here, not in the timed loop
+        return {b: (lambda x, f=f: f(torch.from_numpy(x))) for b in batches}
+    if rt == "aoti":
+        program = _export(m, torch.randn(2, *size), True)
+        run = load_aoti(torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / f"{slug}.pt2")))
+        return {b: (lambda x, f=run: f(torch.from_numpy(x))) for b in batches}
+    runs = {b: _xnnpack(m, torch.randn(b, *size), tmp / f"{slug}-{b}.pte")
+            for b in batches if args.xnnpack_batches is None or b in args.xnnpack_batches}
+    return {b: (lambda x, f=run: f(torch.from_numpy(x))) for b, run in runs.items()}
+
+
+def _export(m: torch.nn.Module, example: torch.Tensor, dynamic: bool):
+    shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
+    return torch.export.export(m.eval(), (example,), dynamic_shapes=shapes)
+
+
+def _xnnpack(m: torch.nn.Module, example: torch.Tensor, path: Path):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from cdnv2.deploy.executorch import executorch_session
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = to_edge_transform_and_lower(_export(m, example, False), partitioner=[XnnpackPartitioner()])
+    path.write_bytes(program.to_executorch().buffer)
+    return executorch_session(path)
+
+
 def callables(files: dict, eager: dict, args) -> dict:
     fns = {}
     for label, per_rt in files.items():
@@ -129,13 +207,15 @@ def time_round_robin(fns: dict, x: np.ndarray, repeats: int) -> dict:
     return times
 
 
-def table(name: str, batch: int, times: dict, files: dict, eager: dict, args) -> list[str]:
+def table(name: str, batch: int, times: dict, labels: list[str], args) -> list[str]:
     peer = PEERS[name]
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
     for rt in args.runtimes:
+        if (peer, rt) not in med:
+            continue  # a runtime without programs at this batch size (--xnnpack-batches)
         cells = [f"{med[(label, rt)]:.1f} ({min(times[(label, rt)]):.1f})" if (label, rt) in med else "-"
-                 for label in files if label != peer]
+                 for label in labels if label != peer]
         c, m, p = med.get(("compact", rt)), med.get(("masked", rt)), med.get((peer, rt))
         i8 = med.get(("compact int8", rt))
         ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"  # noqa: E731
@@ -144,8 +224,8 @@ def table(name: str, batch: int, times: dict, files: dict, eager: dict, args) ->
     return rows
 
 
-def header(files: dict, name: str) -> list[str]:
-    labels = [label for label in files if label != PEERS[name]]
+def header(labels: list[str], name: str) -> list[str]:
+    labels = [label for label in labels if label != PEERS[name]]
     return ["| model | batch | runtime | " + " | ".join(f"{lb} ms" for lb in labels)
             + " | peer ms | compact / masked | compact / peer | int8 speed-up |",
             "|---|---:|---|" + "---:|" * (len(labels) + 4)]
@@ -202,7 +282,13 @@ def main(argv=None) -> int:
     import onnxruntime
     import openvino
 
-    out = [f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}, "
+    versions = ""
+    if "xnnpack" in args.runtimes:
+        from importlib.metadata import version
+
+        versions = f", executorch {version('executorch')}"
+    out = [f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}"
+           f"{versions}, "
            f"{cpu_name()}, {os.cpu_count()} CPUs, threads "
            f"{args.threads or 'runtime default'}; fp32 unless int8, {args.size}x{args.size}, ms per batch, "
            f"median (min) of {args.repeats} warm round-robin runs; load average at start {os.getloadavg()[0]:.2f}", ""]
@@ -210,10 +296,14 @@ def main(argv=None) -> int:
         for name in args.variants:
             files, eager = build_files(name, args, Path(tmp))
             fns = callables(files, eager, args)
-            out += header(files, name)
+            mods = compiled_modules(name, eager, args)
+            compiled = compiled_callables(mods, args, Path(tmp), args.batch)
+            labels = list(dict.fromkeys([*files, *(label for label in mods if label not in files)]))
+            out += header(labels, name)
             for batch in args.batch:
                 x = np.random.default_rng(0).standard_normal((batch, 3, args.size, args.size), dtype=np.float32)
-                rows = table(name, batch, time_round_robin(fns, x, args.repeats), files, eager, args)
+                times = time_round_robin({**fns, **compiled[batch]}, x, args.repeats)
+                rows = table(name, batch, times, labels, args)
                 print("\n".join(rows), file=sys.stderr, flush=True)
                 out += rows
                 if args.profile:

@@ -8,6 +8,7 @@ PYTHONPATH (``helpers.cli`` puts it there)::
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -119,3 +120,56 @@ class KillDuringSave(Callback):
                     os.kill(os.getpid(), signal.SIGKILL)
 
         torch.save = save
+
+
+class FailWrite(Callback):
+    """Make the write of checkpoint ``file`` fail with ``OSError(ENOSPC)`` (a full disk)
+    once the trainer has counted epoch ``epoch``; every other write goes through.
+
+    Wraps ``torch.save`` for the rest of the run; :meth:`undo` (or the run's end) puts it back.
+    """
+
+    def __init__(self, file: str = "best.pt", epoch: int = 1):
+        self.file, self.epoch = file, epoch
+        self._real = None
+
+    def on_fit_start(self, trainer) -> None:
+        real = self._real = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            target = Path(getattr(f, "name", f)).name
+            if trainer.epoch == self.epoch and target != self.file and self.file in target:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(obj, f, *args, **kwargs)
+
+        torch.save = save
+
+    def on_fit_end(self, trainer, report) -> None:
+        self.undo()
+
+    def undo(self) -> None:
+        if self._real is not None:
+            torch.save, self._real = self._real, None
+
+
+class KillAfterWrite(Callback):
+    """SIGKILL this process right after checkpoint ``file`` of epoch ``epoch`` is in place
+    (before the trainer writes anything else)."""
+
+    def __init__(self, file: str = "best.pt", epoch: int = 1):
+        self.file, self.epoch = file, epoch
+
+    def on_fit_start(self, trainer) -> None:
+        from cdnv2 import checkpoint
+
+        real = checkpoint.atomic_save
+
+        def atomic_save(obj, path, *args, **kwargs):
+            real(obj, path, *args, **kwargs)
+            if Path(path).name == self.file and trainer.epoch == self.epoch:
+                self.die()
+
+        checkpoint.atomic_save = atomic_save
+
+    def die(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -86,6 +86,28 @@ def test_explicit_fractions_and_validation():
     assert cond.final_step == 25
 
 
+@pytest.mark.parametrize("fractions", [[0.1, 0.2, 0.3], [0.2, 0.2, 0.5], [0.1, 0.5, 1.0], [0.0, 0.4, 0.5],
+                                       [0.3, 0.2, 0.5]])
+def test_schedule_and_config_check_accept_the_same_fractions(fractions):
+    """One rule (fractions_ok): the config check refuses exactly what the schedule refuses."""
+    from cdnv2.engine import TrainConfig, validate_config
+    from cdnv2.errors import ConfigError
+
+    try:
+        fire_steps(3, 100, explicit=fractions)
+        schedule_ok = True
+    except ScheduleError:
+        schedule_ok = False
+    cfg = TrainConfig()
+    cfg.condense.lgc_fractions = fractions
+    try:
+        validate_config(cfg)
+        config_ok = True
+    except ConfigError:
+        config_ok = False
+    assert schedule_ok == config_ok == (fractions == [0.1, 0.2, 0.3])
+
+
 def test_lasso_weight_and_switch_off():
     model = _model(4)
     cond = Condenser(model, 100, CondenseConfig(lasso_lambda=1e-3))

@@ -32,36 +32,10 @@ from cdnv2.layers import (
 )
 from cdnv2.layers.index_kernels import gather_lgc_weight, gather_linear_weight, gather_sfr_weight
 
+from helpers import example, make, randomize
+
 MODELS = [n for n in cdnv2.list_models() if not n.startswith("densenet")]
 BIG = {"cdnv2_c", "condensenet_74_c4", "condensenet_74_c8"}
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN affine params (mixed signs, some exact zeros) and running statistics."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                w = torch.randn(n, generator=g) * 0.6 + 0.8
-                w[torch.rand(n, generator=g) < 0.05] = 0.0
-                m.weight.copy_(w)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            elif isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
-
-
-def make(name: str, seed: int = 0, **kwargs) -> nn.Module:
-    torch.manual_seed(seed)
-    return condense_fully(randomize(cdnv2.create_model(name, **kwargs), seed)).eval()
-
-
-def example(model: nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    size = 32 if model.cfg.stem_stride == 1 else 64
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def max_rel_diff(ref: torch.Tensor, out: torch.Tensor) -> float:

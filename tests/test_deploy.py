@@ -12,6 +12,7 @@ from cdnv2.deploy.forms import ALL_FORMS, measure_forms
 from cdnv2.deploy.graph import PREACT_FORM, PREACT_FORMS, PreAct, compact_layers, layer_input_sizes
 from cdnv2.engine import TrainConfig, TrainerConfig, train
 from cdnv2.layers import CondensingConv1x1
+from helpers import condensed_tiny
 
 pytest.importorskip("onnxruntime", reason="deployment needs the cdnv2[export] extra")
 pytest.importorskip("openvino", reason="deployment needs the cdnv2[export] extra")
@@ -20,25 +21,9 @@ SIZE = (3, 32, 32)
 TINY_DATA = dict(num_train=384, num_val=128, batch_size=32)
 
 
-def _condensed_tiny(seed: int = 0) -> torch.nn.Module:
-    """cdnv2_tiny fully condensed, with BN statistics far from the identity (folds matter)."""
-    torch.manual_seed(seed)
-    model = cdnv2.create_model("cdnv2_tiny")
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.5)
-            m.running_var.uniform_(0.3, 3)
-            m.weight.data.normal_(0, 1)  # negative scales too
-            m.bias.data.normal_(0, 0.5)
-        if isinstance(m, CondensingConv1x1):
-            while not m.fully_condensed:
-                m.condense_step()
-    return cdnv2.convert_model(model.eval(), check=False)
-
-
 @pytest.fixture(scope="module")
 def compact():
-    return _condensed_tiny()
+    return condensed_tiny()
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +87,34 @@ def test_round_trip_matches_pytorch_at_batch_1_3_32(compact, tmp_path, runtime):
 
         ir = ov.Core().read_model(str(tmp_path / "tiny.xml"))
         assert ir.get_rt_info(["cdnv2", "deploy.layer_forms"]).astype(str) == c.metadata["cdnv2.deploy.layer_forms"]
+
+
+def test_openvino_sessions_freed_in_any_order_leave_signal_handlers_working(compact, tmp_path):
+    """Two OpenVINO sessions freed in creation order, then a Python signal handler: with a
+    Core per session the handler ran on a freed alternate stack and the process died with
+    SIGSEGV (the crash that once split `make test` in two; docs/testing.md)."""
+    import gc
+    import os
+    import signal
+
+    from cdnv2.deploy.runtime import openvino_session
+
+    (c,) = export_and_check(compact, ["openvino"], tmp_path / "tiny", SIZE)
+    x = np.zeros((1, *SIZE), np.float32)
+    first = openvino_session(c.path)
+    second = openvino_session(c.path)
+    assert np.array_equal(first(x), second(x))
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+    ran = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: ran.append(True))
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert ran
 
 
 def test_every_conv_reads_its_weights_from_initializers(tmp_path):

@@ -18,9 +18,7 @@ from cdnv2.engine.optim import build_optimizer, set_lr
 from cdnv2.errors import ConfigError
 from cdnv2.layers import CondensingConv1x1
 
-from helpers import cli
-from test_convert import example, make
-from test_official import converted_layout, masked_model, unconverted_layout
+from helpers import cli, converted_layout, example, make, masked_model, unconverted_layout
 
 SHAPES_STATS = dict(mean=[0.5, 0.5, 0.5], std=[0.3, 0.3, 0.3])  # the source's normalisation
 

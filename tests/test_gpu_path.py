@@ -234,15 +234,28 @@ def test_compact_training_auto_per_device():
     assert resolve_compact_training("false", torch.device("cpu")) is False
 
 
+_NO_HYDRA = (
+    "import sys, runpy\n"
+    "class Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in ('hydra', 'omegaconf'):\n"
+    "            raise ImportError('blocked: ' + name)\n"
+    "sys.meta_path.insert(0, Block())\n"
+)
+
+
+def test_library_and_engine_import_without_hydra():
+    """Only cli/ imports Hydra (the full check script below, slow, also trains without it)."""
+    code = _NO_HYDRA + "import cdnv2, cdnv2.engine, cdnv2.checkpoint, cdnv2.evaluate, cdnv2.viz\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.slow  # a minute of CPU; the GPU check runs it on the device
 def test_gpu_check_runs_on_cpu_without_hydra():
     """The check script on small sizes, with hydra and omegaconf made unimportable."""
-    block = (
-        "import sys, runpy\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('hydra', 'omegaconf'):\n"
-        "            raise ImportError('blocked: ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
+    block = _NO_HYDRA + (
         "sys.argv = ['gpu_check.py', '--quick', '--device', 'cpu']\n"
         f"runpy.run_path({str(ROOT / 'scripts/gpu_check.py')!r}, run_name='__main__')\n"
     )

@@ -1,8 +1,8 @@
 """Import of official CondenseNetV2 release files (SPEC 7), from synthetic state dicts.
 
-The official layouts are rebuilt here from our masked models with loops that follow the
-official conversion's definitions (not with our compact-layer code), so a mismatch in
-index order or weight layout would show up as different outputs.
+The official layouts are rebuilt (tests/helpers.py) from our masked models with loops that
+follow the official conversion's definitions (not with our compact-layer code), so a
+mismatch in index order or weight layout would show up as different outputs.
 """
 import argparse
 import warnings
@@ -10,105 +10,13 @@ import warnings
 import pytest
 import torch
 
-import cdnv2
 from cdnv2.checkpoint import load_official_checkpoint
-from cdnv2.condense import condense_fully
 from cdnv2.errors import CheckpointError
 from cdnv2.layers import CompactLGC, CompactSFR, CondensingConv1x1
 
-from test_convert import randomize
+from helpers import converted_layout, masked_model, unconverted_layout
 
 VARIANTS = ["cdnv2_a", pytest.param("cdnv2_b", marks=pytest.mark.slow), pytest.param("cdnv2_c", marks=pytest.mark.slow)]
-
-
-def masked_model(name, seed=0, steps=None):
-    torch.manual_seed(seed)
-    model = randomize(cdnv2.create_model(name), seed)
-    if steps is None:
-        condense_fully(model)
-    else:
-        for m in model.modules():
-            if isinstance(m, CondensingConv1x1):
-                for _ in range(steps):
-                    m.condense_step()
-    return model.eval()
-
-
-def unconverted_layout(model, prefix=""):
-    """Our masked state dict spelled the official way (_mask, float _stage/_count, features.se_last)."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, CondensingConv1x1)}
-    out = {}
-    for key, value in model.state_dict().items():
-        owner, _, leaf = key.rpartition(".")
-        if key.startswith("se_last."):
-            key = "features." + key
-        if owner in layers and leaf == "mask":
-            out[prefix + owner + "._mask"] = value.clone()
-            continue
-        if owner in layers and leaf == "stage":
-            m = layers[owner]
-            delta = (m.out_channels if m.group_axis == 1 else m.in_channels) // m.condense_factor
-            out[prefix + owner + "._stage"] = torch.tensor([float(value)])
-            out[prefix + owner + "._count"] = torch.tensor([float(value) * delta])
-            continue
-        out[prefix + key] = value.clone()
-    return out
-
-
-def _converted_lgc(m):
-    """The official CondensingLGC conversion, written out with loops."""
-    mask = m.mask[:, :, 0, 0]
-    w = m.conv.weight[:, :, 0, 0]
-    o, i_ch, g = m.out_channels, m.in_channels, m.groups
-    per_group_in, d_out = i_ch // m.condense_factor, o // g
-    index, weight = [], torch.zeros(o, per_group_in)
-    for grp in range(g):
-        chosen = [j for j in range(i_ch) if mask[grp, j] == 1][:per_group_in]
-        for t, j in enumerate(chosen):
-            for k in range(d_out):
-                weight[k + grp * d_out, t] = w[grp + k * g, j]
-        index += chosen
-    index = torch.tensor(index, dtype=torch.long)
-    norm = {f"norm.{n}": getattr(m.norm, n)[index].clone() for n in ("weight", "bias", "running_mean", "running_var")}
-    norm["norm.num_batches_tracked"] = m.norm.num_batches_tracked.clone()
-    return {"index": index, "conv.weight": weight[:, :, None, None], **norm}
-
-
-def _converted_sfr(m):
-    """The official CondensingSFR conversion (routing matrix included), with loops."""
-    mask = m.mask[:, :, 0, 0]
-    w = m.conv.weight[:, :, 0, 0]
-    c, k, g = m.out_channels, m.in_channels, m.groups
-    per_group_out = c // m.condense_factor
-    produced = per_group_out * g
-    weight, routing = torch.zeros(produced, k // g), torch.zeros(produced, c)
-    filled = [0] * g
-    for target in range(c):
-        for grp in range(g):
-            if filled[grp] < per_group_out and mask[target, grp] == 1:
-                r = filled[grp] + grp * per_group_out
-                for kk in range(k // g):
-                    weight[r, kk] = w[target, grp + kk * g]
-                routing[r, target] = 1.0
-                filled[grp] += 1
-    norm = {f"norm.{n}": getattr(m.norm, n).clone() for n in
-            ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
-    return {"index": routing, "conv.weight": weight[:, :, None, None], **norm}
-
-
-def converted_layout(model, prefix=""):
-    out = {}
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, CondensingConv1x1)}
-    for key, value in unconverted_layout(model).items():
-        owner = key.rsplit(".", 1)[0]
-        if owner.rsplit(".", 1)[0] in layers or owner in layers:
-            continue  # replaced below
-        out[prefix + key] = value
-    for name, m in layers.items():
-        conv = _converted_sfr(m) if name.endswith("sfr") else _converted_lgc(m)
-        for leaf, value in conv.items():
-            out[f"{prefix}{name}.{leaf}"] = value
-    return out
 
 
 def _inputs():

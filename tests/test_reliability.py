@@ -20,16 +20,13 @@ from cdnv2.engine import train
 from cdnv2.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted
 
 from fault_injection import Crash, CrashAtStep, NanLossAtStep, SignalAtStep
-from helpers import BIN, QUICK, assert_same_state, callback, cli, command_env, load, run_like_cli
-from test_train import quick_config
+from helpers import BIN, QUICK, assert_same_state, callback, cli, command_env, load, quick_config, run_like_cli
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(quick_cli_run):
     """An uninterrupted QUICK run: the weights every interrupted run must end with."""
-    d = tmp_path_factory.mktemp("ref")
-    run_like_cli(d, *QUICK)
-    return load(d / "checkpoints/last.pt")
+    return load(quick_cli_run / "checkpoints/last.pt")
 
 
 def _compare(run_dir: Path, reference: dict) -> None:
@@ -101,6 +98,9 @@ def test_resume_auto_falls_back_to_previous_checkpoint(tmp_path, reference, capl
     run_like_cli(tmp_path, *QUICK)
     _compare(tmp_path, reference)
     assert "falling back to the previous checkpoint" in caplog.text
+    # the unreadable file was kept aside, never rotated over the good prev.pt
+    assert (tmp_path / "checkpoints/last.pt.unreadable").read_bytes() == data[: len(data) // 3]
+    assert load(tmp_path / "checkpoints/prev.pt")["step"] > 4
 
 
 def test_bad_checkpoint_files_give_clear_errors(tmp_path):

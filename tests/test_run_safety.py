@@ -24,8 +24,7 @@ from cdnv2.engine import train
 from cdnv2.engine.run_dir import LOCK_NAME, RESUMABLE_KEYS, RunDir
 from cdnv2.errors import RunDirError
 
-from helpers import BIN, QUICK, cli, load
-from test_train import quick_config
+from helpers import BIN, QUICK, cli, load, quick_config
 
 # A run long enough to be signalled while it trains (it never gets to finish).
 LONG = ["data.num_train=8192", "data.num_val=64", "data.batch_size=32", "trainer.epochs=2",
@@ -79,12 +78,9 @@ def _assert_clean_stop(proc: subprocess.Popen, code: int, prog: str = "cdnv2-tra
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished QUICK run (the tests copy it before changing anything)."""
-    run = tmp_path_factory.mktemp("finished") / "run"
-    r = cli("cdnv2-train", *QUICK, f"hydra.run.dir={run}")
-    assert r.returncode == 0, r.stderr[-2000:]
-    return run
+def finished(quick_cli_run) -> Path:
+    """A finished QUICK run, shared with other modules (the tests copy it before changing anything)."""
+    return quick_cli_run
 
 
 # ----------------------------------------------------------------------------- items 1, 2, 8

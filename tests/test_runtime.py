@@ -8,8 +8,7 @@ import torch
 from cdnv2.engine import Callback, configure_runtime, resolve_device, train
 from cdnv2.errors import ConfigError, DataError, ScheduleError, UserError
 
-from helpers import restored_process_state
-from test_train import quick_config
+from helpers import quick_config, restored_process_state
 
 
 def test_training_in_process_leaves_global_state_alone(tmp_path):

@@ -5,18 +5,13 @@ import pytest
 import torch
 
 import cdnv2
+from cdnv2 import checkpoint as ckpt
 from cdnv2.cli.train import compose_train_config, run_command
-from cdnv2.data import DataConfig
-from cdnv2.engine import TrainConfig, TrainerConfig, train
-from cdnv2.errors import ConfigError
+from cdnv2.engine import train
+from cdnv2.engine.state import TrainState
+from cdnv2.errors import CheckpointError, ConfigError
 
-from helpers import QUICK, assert_same_state, callback, cli, load, restored_process_state
-
-
-def quick_config(**trainer) -> TrainConfig:
-    cfg = TrainConfig(data=DataConfig(num_train=384, num_val=128, batch_size=32))
-    cfg.trainer = TrainerConfig(epochs=3, max_steps_per_epoch=4, parity_samples=8, progress="none", **trainer)
-    return cfg
+from helpers import QUICK, assert_same_state, callback, cli, load, quick_config, restored_process_state
 
 
 def test_full_path_in_process(tmp_path):
@@ -43,15 +38,46 @@ def test_full_path_in_process(tmp_path):
     assert model(x).shape == (4, 10)
 
 
+def test_train_state_is_the_checkpoint_schema_and_round_trips():
+    model = cdnv2.create_model("cdnv2_tiny")
+    state = TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    state.step, state.epoch, state.best_top1, state.last_eval = 5, 1, 42.0, {"top1": 42.0}
+    saved = state.state_dict()
+    assert tuple(saved) == ckpt.TRAIN_STATE_KEYS
+    file = ckpt.train_checkpoint({k: None for k in ckpt.TRAIN_RUN_KEYS}, saved)
+    ckpt.check_resumable(file, "f.pt")
+    drawn = torch.rand(3)
+    other = cdnv2.create_model("cdnv2_tiny")
+    fresh = TrainState(model=other, optimizer=torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9))
+    fresh.load_state_dict(saved, new_optimizer=None)  # same structure: the optimizer stays
+    assert (fresh.step, fresh.epoch, fresh.best_top1, fresh.last_eval) == (5, 1, 42.0, {"top1": 42.0})
+    assert_same_state(fresh.model.state_dict(), model.state_dict())
+    assert torch.equal(torch.rand(3), drawn)  # the RNG stream continues where it was saved
+    with pytest.raises(CheckpointError, match="lacks key.*optimizer"):
+        ckpt.check_resumable({k: v for k, v in file.items() if k != "optimizer"}, "f.pt")
+    with pytest.raises(CheckpointError, match="version 2 is newer"):
+        ckpt.check_resumable({**file, "version": 2}, "f.pt")
+
+
 def report_classes():
     from cdnv2.data.shapes import SHAPES_CLASSES
 
     return list(SHAPES_CLASSES)
 
 
-def test_metrics_cover_condensation(tmp_path):
-    train(quick_config(log_every=1), tmp_path)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    """One quick run logging every step, with warmup and group lasso: its metrics.jsonl rows."""
+    cfg = quick_config(log_every=1)
+    cfg.condense.lasso_lambda = 1e-4
+    cfg.sched.warmup_epochs = 1
+    run = tmp_path_factory.mktemp("logged")
+    train(cfg, run)
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_cover_condensation(logged_run):
+    rows = logged_run
     names = set().union(*rows)
     for key in ("train/loss", "train/lr", "train/images_per_second", "val/top1", "val/top5",
                 "condense/density_lgc", "condense/density_sfr", "condense/stage_lgc"):
@@ -60,12 +86,8 @@ def test_metrics_cover_condensation(tmp_path):
     assert density == sorted(density, reverse=True) and density[-1] == pytest.approx(0.25)
 
 
-def test_lr_schedule_and_lasso_in_loss(tmp_path):
-    cfg = quick_config(log_every=1)
-    cfg.condense.lasso_lambda = 1e-4
-    cfg.sched.warmup_epochs = 1
-    train(cfg, tmp_path)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_lr_schedule_and_lasso_in_loss(logged_run):
+    rows = logged_run
     lrs = [r["train/lr"] for r in rows if "train/lr" in r]
     peak = 0.1 * 32 / 64
     assert lrs[0] == pytest.approx(peak * 0.25) and max(lrs) == pytest.approx(peak)

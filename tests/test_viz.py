@@ -145,3 +145,41 @@ def test_viz_compact_artifact_and_errors(run_dir, tmp_path):
         run(VizConfig(checkpoint=str(tmp_path / "nope.pt")))
     with pytest.raises(ConfigError, match="checkpoint=PATH"):
         run(VizConfig())
+
+
+def _drawn_figure(monkeypatch, draw):
+    """Run ``draw`` and return the figure it closed (matplotlib's own state, read back)."""
+    plt = pytest.importorskip("matplotlib.pyplot", reason="drawing needs the cdnv2[viz] extra")
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+    draw()
+    return figures[-1]
+
+
+def test_connectivity_colours_span_the_datas_range(monkeypatch, tmp_path):
+    from cdnv2.viz import BlockConnectivity, color_range, plot_connectivity
+
+    m = torch.tensor([[0.56, nan], [0.75, 0.6]], dtype=torch.float64)
+    blocks = [BlockConnectivity("features.denseblock_1", 4, 2, m, None)]
+    assert color_range(blocks) == pytest.approx((0.56, 0.75))
+    fig = _drawn_figure(monkeypatch, lambda: plot_connectivity(blocks, tmp_path / "c.png"))
+    assert fig.axes[0].images[0].get_clim() == pytest.approx((0.56, 0.75))
+    flat = [BlockConnectivity("b", 4, 2, torch.full((1, 1), 0.5, dtype=torch.float64), None)]
+    assert color_range(flat) == pytest.approx((0.475, 0.525))  # one value: a narrow scale, not 0/0
+
+
+def test_curves_mark_condensation_steps_and_clip_the_spike(monkeypatch, tmp_path):
+    from cdnv2.viz import plot_curves
+
+    steps = list(range(1, 41))
+    loss = [2.0 - 0.03 * s for s in steps]
+    loss[20] = 40.0  # the val-loss spike right after a pruning step
+    series = {"train/loss": (steps, loss), "condense/density_lgc": ([10, 20], [0.5, 0.25])}
+    fig = _drawn_figure(monkeypatch, lambda: plot_curves(series, tmp_path / "curves.png"))
+    loss_ax = next(ax for ax in fig.axes if ax.get_title() == "loss")
+    low, high = loss_ax.get_ylim()
+    assert high < 5.0 and low < min(loss)  # the spike is cut, the rest keeps its scale
+    for ax in fig.axes:
+        marked = {line.get_xdata()[0] for line in ax.lines if len(set(line.get_xdata())) == 1}
+        assert {10, 20} <= marked, ax.get_title()

@@ -4,8 +4,10 @@ A cdnv2 checkpoint is a plain dict of tensors and primitives (``torch.load(weigh
 True)`` reads it) with ``format="cdnv2"``, a :class:`Kind` and the model's
 :class:`~cdnv2.compact.Structure`, so the file alone rebuilds its model:
 
-- ``kind="train"``: written by the trainer every epoch (model, EMA, optimizer, RNG,
-  progress, the run's config); resumable.
+- ``kind="train"``: written by the trainer every epoch; resumable. Its keys are
+  :data:`TRAIN_RUN_KEYS` (the run: model, classes, config, identity) and
+  :data:`TRAIN_STATE_KEYS` (a :class:`cdnv2.engine.state.TrainState`: model, EMA,
+  optimizer, RNG, progress), in version :data:`TRAIN_VERSION`.
 - ``kind="compact"``: the compact inference artifact (:func:`save_compact`).
 
 Official CondenseNetV2 release files (``kind`` "official" once read) are foreign: they are
@@ -27,6 +29,8 @@ import enum
 import logging
 import os
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -36,9 +40,12 @@ from torch import nn
 
 from .compact import Structure, model_structure, restructure_for_state_dict
 from .compact import official
+from . import safetensors_io
+from .data.config import memory_bytes
 from .errors import CheckpointError
 from .models import create_model, is_model, unknown_model_message
 from .models import features_only as features_only_net
+from .safe_pickle import pickled_globals
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,7 @@ FORMAT = "cdnv2"
 ARTIFACT_VERSION = 1
 TMP_MARK = ".tmp-"
 WEIGHTS = ("auto", "ema", "raw")
+SAVE_FORMATS = ("auto", "pt", "safetensors")
 
 
 class Kind(str, enum.Enum):
@@ -64,6 +72,40 @@ _REQUIRED = {
     Kind.TRAIN: ("format", "kind", "model_name", "model_kwargs", "structure", "model_state", "ema_state"),
     Kind.COMPACT: ("format", "kind", "version", "model_name", "model_kwargs", "structure", "model_state"),
 }
+
+# kind="train", version TRAIN_VERSION: the run it belongs to (checked on resume, read by the
+# commands; nothing of it is restored) ...
+TRAIN_VERSION = 1
+TRAIN_RUN_KEYS = (
+    "model_name", "model_kwargs", "class_names", "preprocess", "data_name", "config", "run_identity",
+    "total_steps",
+)
+# ... and its cdnv2.engine.state.TrainState (state_dict() writes these, a resume restores them).
+TRAIN_STATE_KEYS = (
+    "structure", "model_state", "ema_state", "ema_updates", "optimizer", "scaler", "step", "epoch",
+    "batch_in_epoch", "best_top1", "bad_steps", "train_seconds", "rng", "metrics",
+)
+
+
+def train_checkpoint(run: dict, state: dict) -> dict:
+    """A ``kind="train"`` file's dict: the run's ``TRAIN_RUN_KEYS`` and a TrainState's keys."""
+    return {"format": FORMAT, "kind": Kind.TRAIN.value, "version": TRAIN_VERSION, **run, **state}
+
+
+def check_resumable(obj: dict, where: str) -> None:
+    """A validated training checkpoint holds everything a resume restores, in a known version."""
+    version = obj.get("version", TRAIN_VERSION)
+    if not isinstance(version, int) or version > TRAIN_VERSION:
+        raise CheckpointError(
+            f"{where}: training checkpoint version {version!r} is newer than this cdnv2 reads "
+            f"({TRAIN_VERSION}); resume it with the cdnv2 that wrote it, or start afresh with resume=never"
+        )
+    missing = [k for k in TRAIN_RUN_KEYS + TRAIN_STATE_KEYS if k not in obj]
+    if missing:
+        raise CheckpointError(
+            f"{where}: training checkpoint lacks key(s) {', '.join(missing)} and cannot be resumed; "
+            "its weights still load with cdnv2-eval / cdnv2.load_model, or start afresh with resume=never"
+        )
 
 
 # ============================================================================= writing
@@ -91,13 +133,30 @@ def atomic_save(obj: Any, path: str | Path, *, keep_previous_as: str | None = No
             os.close(dir_fd)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(
-                f"could not write checkpoint {path}: {e.strerror or e}. The previous checkpoint "
-                "in that folder is intact; free disk space (or fix permissions) and re-run the "
-                "same command to resume."
-            ) from e
-        raise
+        why = _write_failure(e)
+        if why is None:
+            raise
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {why}. The previous checkpoint in that folder is "
+            "intact; free disk space, raise the file size limit (ulimit -f) or fix permissions, "
+            "and re-run the same command to resume."
+        ) from e
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """Why writing failed when the file system refused it: an OSError, or torch's writer's
+    ``RuntimeError`` ("[enforce fail at inline_container.cc...]"), which carries the
+    OSError it hit as its context when it has one. None: not a write failure (a bug)."""
+    seen, depth = e, 0
+    while seen is not None and depth < 8:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        seen, depth = seen.__cause__ or seen.__context__, depth + 1
+    text = str(e)
+    if isinstance(e, RuntimeError) and re.search(r"inline_container|PytorchStreamWriter|file write failed", text):
+        first = (text.strip().splitlines() or [""])[0][:200]
+        return f"the file could not be written completely ({first})"
+    return None
 
 
 def save_rotating(obj: Any, path: str | Path) -> None:
@@ -120,12 +179,20 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, model_name: str, model_kwargs: dict,
                  class_names: list[str] | None = None, preprocess: dict | None = None,
-                 metrics: dict | None = None, data: dict | None = None, seed: int | None = None) -> Path:
+                 metrics: dict | None = None, data: dict | None = None, seed: int | None = None,
+                 format: str = "auto") -> Path:
     """Write the compact inference model as ONE self-describing file (``kind="compact"``).
 
     ``load_model(path)`` rebuilds the model from it alone. ``data`` (the run's data config
     as a dict) and ``seed`` let ``cdnv2-eval`` rebuild the validation set without ``data=...``.
+    ``format``: "pt" (a ``torch.save`` dict), "safetensors" (weights as safetensors, the
+    other fields as JSON strings in its metadata; read without pickle, the format to share;
+    see :mod:`cdnv2.safetensors_io`) or "auto": safetensors for a ``.safetensors`` path.
     """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format={format!r}: use one of {', '.join(SAVE_FORMATS)}")
+    if format == "auto":
+        format = "safetensors" if safetensors_io.is_safetensors(path) else "pt"
     structure = model_structure(compact_model)
     if structure is not Structure.COMPACT:
         raise ValueError(
@@ -147,6 +214,9 @@ def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, model_nam
         "seed": seed,
     }
     path = Path(path)
+    if format == "safetensors":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return safetensors_io.write(obj, path)
     atomic_save(obj, path)
     return path
 
@@ -158,6 +228,7 @@ def read_file(path: str | Path, *, label: str | None = None, trust_pickle: bool 
 
     Only tensors and plain data are unpickled (``weights_only=True``, plus the argparse
     Namespace and numpy scalars that official files carry) unless ``trust_pickle``.
+    A ``.safetensors`` file is read without pickle (:func:`cdnv2.safetensors_io.read`).
     """
     path = Path(path).expanduser()
     where = label or str(path)
@@ -169,29 +240,38 @@ def read_file(path: str | Path, *, label: str | None = None, trust_pickle: bool 
         raise CheckpointError(f"{where} is a directory, not a checkpoint file{hint}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{where} is empty (0 bytes) and cannot be read: it was never written completely")
+    if safetensors_io.is_safetensors(path):
+        return safetensors_io.read(path, where)
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(_data_only_globals()):
+        with torch.serialization.safe_globals(_data_only_globals()), warnings.catch_warnings():
+            # a raw pickle of protocol 3+ warns before it fails; the failure says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle of foreign objects, random bytes ...
-        raise _unreadable(where, e) from None
+        raise _unreadable(where, e, path) from None
 
 
-def _unreadable(where: str, e: Exception) -> CheckpointError:
+def _unreadable(where: str, e: Exception, path: Path) -> CheckpointError:
     text = str(e)
-    unsafe = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", text)
+    named = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", text)
+    blocked = named.group(1) if named and "is blocked" in text else None
+    if not named and not zipfile.is_zipfile(path):
+        # torch's weights-only reader stops at opcodes of newer pickle protocols before it
+        # reaches a global; what the raw pickle would call is still in its opcodes.
+        blocked = _first_code_global(path)
     resave = ("If you trust the file, load it with torch.load(weights_only=False) and re-save just "
               "its weights, e.g. torch.save({'state_dict': ckpt['state_dict']}, path)")
-    if unsafe and "is blocked" in text:
+    if blocked:
         return CheckpointError(
             f"{where} contains code that cannot be loaded safely: unpickling it would call "
-            f"{unsafe.group(1)}, and only tensors and plain data are loaded. Do not load it unless "
+            f"{blocked}, and only tensors and plain data are loaded. Do not load it unless "
             f"you trust its source. {resave}"
         )
-    if unsafe:
+    if named:
         return CheckpointError(
-            f"{where} cannot be read safely: it holds a Python object of type {unsafe.group(1)}, and "
+            f"{where} cannot be read safely: it holds a Python object of type {named.group(1)}, and "
             f"only tensors and plain data are loaded (torch.load weights_only=True). {resave}"
         )
     first = (text.strip().splitlines() or [""])[0][:200]
@@ -199,6 +279,33 @@ def _unreadable(where: str, e: Exception) -> CheckpointError:
         f"{where}: cannot be read ({type(e).__name__}: {first}); it is truncated, corrupted or not "
         "a PyTorch checkpoint"
     )
+
+
+def _first_code_global(path: Path) -> str | None:
+    """The first global a (non-zip) pickle names beyond what ``weights_only`` loading
+    allows, found by parsing its opcodes, without unpickling."""
+    try:
+        with open(path, "rb") as f:
+            return next((g for g in pickled_globals(f) if g not in _weights_only_names()), None)
+    except OSError:
+        return None
+
+
+def _weights_only_names() -> set[str]:
+    """``module.name`` of the globals :func:`read_file` lets ``torch.load`` reconstruct."""
+    names = {f"{g.__module__}.{g.__qualname__}" for g in _data_only_globals()}
+    names |= {f"{m}.{t}" for m in ("builtins", "__builtin__") for t in (
+        "dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int", "float", "bool",
+        "complex", "slice", "range")}
+    try:  # torch's own allowlist (tensor, storage and dtype rebuilders); private, so guarded
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        names |= set(_get_allowed_globals())
+    except (ImportError, AttributeError):
+        names |= {"torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter", "collections.OrderedDict"}
+    names |= {f"torch.{t}Storage" for t in ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short",
+                                            "Char", "Byte", "Bool")}
+    return names
 
 
 def _neighbours(path: Path) -> str:
@@ -290,10 +397,15 @@ def _build_model(obj: dict, where: str, weights: str) -> tuple[nn.Module, str]:
     state, used = obj["model_state"], "raw"
     if obj["kind"] == Kind.TRAIN and weights == "ema" and obj.get("ema_state") is not None:
         state, used = obj["ema_state"], "ema"
+    kwargs = dict(obj["model_kwargs"] or {})
     try:
-        model = create_model(obj["model_name"], **dict(obj["model_kwargs"] or {}))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{where}: cannot build model {obj['model_name']!r}: {e}") from None
+        with torch.device("meta"):  # first without memory: the file's sizes are not trusted
+            elements = sum(t.numel() for t in create_model(obj["model_name"], **kwargs).state_dict().values())
+        _check_fits(elements, state, where)
+        model = create_model(obj["model_name"], **kwargs)
+    except (ValueError, TypeError, RuntimeError, OverflowError) as e:  # torch's C++ errors add frames
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{where}: cannot build model {obj['model_name']!r}: {first}") from None
     if obj["structure"] != Structure.MASKED:
         restructure_for_state_dict(model, state)
     try:
@@ -304,6 +416,19 @@ def _build_model(obj: dict, where: str, weights: str) -> tuple[nn.Module, str]:
             + " ".join(str(e).split())[:600]
         ) from None
     return model.eval(), used
+
+
+def _check_fits(elements: int, state: dict, where: str) -> None:
+    """A recorded architecture far larger than the weights stored beside it (or than
+    memory) is refused before it is allocated. The masked model of a compact file is a
+    few times larger than its pruned weights; 64 times is no longer the same model."""
+    stored = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    memory = memory_bytes()
+    if elements > 64 * stored + 10**7 or (memory is not None and 4 * elements > memory // 2):
+        raise CheckpointError(
+            f"{where}: its recorded architecture has {elements:,} weights but the file stores "
+            f"{stored:,}; the file is inconsistent (or edited) and is not loaded"
+        )
 
 
 def load_model(path_or_dict: str | os.PathLike | dict, *, weights: str = "ema",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ class EvalResult:
     loss: float  # mean cross-entropy
     samples: int
     seconds: float
+    confusion: Optional[torch.Tensor] = None  # (classes, classes) int64 counts, rows true, columns predicted
 
     @property
     def images_per_second(self) -> float:
@@ -42,8 +44,13 @@ def evaluate(
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     progress=None,
+    confusion: bool = False,
 ) -> EvalResult:
-    """Evaluate ``model`` on ``loader``; ``reduce`` sums a tensor across ranks."""
+    """Evaluate ``model`` on ``loader``; ``reduce`` sums a tensor across ranks.
+
+    ``confusion=True`` also counts the confusion matrix (rows: true class, columns: top-1
+    prediction; CPU int64) into ``EvalResult.confusion``.
+    """
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -52,6 +59,7 @@ def evaluate(
     ctx = (
         torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     )
+    counts = None
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         if channels_last:
@@ -67,10 +75,17 @@ def evaluate(
         sums[1] += hit.any(dim=1).sum()
         sums[2] += F.cross_entropy(logits, targets, reduction="sum")
         sums[3] += targets.numel()
+        if confusion:
+            c = logits.shape[1]
+            if counts is None:
+                counts = torch.zeros(c * c, dtype=torch.int64, device=device)
+            # index_put_ has a deterministic CUDA kernel; bincount does not
+            counts.index_put_((targets * c + top[:, 0],), torch.ones_like(targets, dtype=torch.int64), accumulate=True)
         if progress is not None:
             progress.update(1)
     if reduce is not None:
         sums = reduce(sums)
+        counts = reduce(counts) if counts is not None else None
     model.train(was_training)
     n = max(1, int(sums[3].item()))
     return EvalResult(
@@ -79,4 +94,5 @@ def evaluate(
         loss=sums[2].item() / n,
         samples=int(sums[3].item()),
         seconds=time.perf_counter() - start,
+        confusion=counts.view(c, c).cpu() if counts is not None else None,
     )

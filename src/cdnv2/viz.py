@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .compact.fold import dense_blocks
 from .errors import UserError
 from .layers import LearnedGroupConv, SparseFeatureReactivation
 
@@ -115,24 +116,14 @@ class BlockConnectivity:
         }
 
 
-def _dense_blocks(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
-    """(name, layers) of every dense block: a module whose children all have ``conv_1``."""
-    blocks = []
-    for name, m in model.named_modules():
-        children = list(m.children())
-        if children and all(hasattr(c, "conv_1") for c in children):
-            blocks.append((name, children))
-    return blocks
-
-
 def block_connectivity(model: nn.Module, reduce: str = "any") -> list[BlockConnectivity]:
     """Connectivity matrices of every dense block of a CondenseNet(V2), masked or compact."""
     result = []
-    for name, layers in _dense_blocks(model):
+    for name, layers in dense_blocks(model):
         lgc = [lgc_group_mask(layer.conv_1) for layer in layers]
         if any(m is None for m in lgc):
             continue  # not a learned-group-conv block
-        sfr = [sfr_group_mask(getattr(layer, "sfr", None)) for layer in layers]
+        sfr = [sfr_group_mask(layer.sfr) for layer in layers]
         block_in = lgc[0].shape[1]
         growth = lgc[1].shape[1] - block_in if len(lgc) > 1 else _growth(layers[0])
         result.append(BlockConnectivity(
@@ -149,8 +140,7 @@ def block_connectivity(model: nn.Module, reduce: str = "any") -> list[BlockConne
 
 
 def _growth(layer: nn.Module) -> int:
-    conv = getattr(getattr(layer, "conv_2", None), "conv", None)
-    return int(conv.out_channels) if conv is not None else 0
+    return int(layer.conv_2.conv.out_channels)
 
 
 def read_metrics(path: str | Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -191,6 +181,40 @@ def _pyplot():
     return plt
 
 
+def color_range(blocks: list[BlockConnectivity]) -> tuple[float, float]:
+    """The colour scale of the heatmaps: the data's own range (fractions of 0.56-0.75 would
+    all look alike on 0-1), widened to at least 0.05 so equal values do not divide by 0."""
+    values = torch.cat([m.flatten() for b in blocks for m in (b.lgc, b.sfr) if m is not None] or [torch.zeros(0)])
+    values = values[~values.isnan()]
+    if values.numel() == 0:
+        return 0.0, 1.0
+    lo, hi = float(values.min()), float(values.max())
+    pad = max(0.0, 0.05 - (hi - lo)) / 2
+    lo = max(0.0, lo - pad)
+    return lo, max(hi + pad, lo + 0.05)
+
+
+def robust_ylim(values: Sequence[float], whisker: float = 3.0) -> tuple[float, float] | None:
+    """Y-limits that keep outliers (the loss spike right after a pruning step) from
+    flattening the rest: the data's range cut at ``whisker`` inter-quartile ranges beyond
+    the quartiles. None when nothing needs cutting."""
+    finite = sorted(v for v in values if math.isfinite(v))
+    if len(finite) < 4:
+        return None
+    q1, q3 = finite[len(finite) // 4], finite[(3 * len(finite)) // 4]
+    spread = max(q3 - q1, 1e-12)
+    lo, hi = max(finite[0], q1 - whisker * spread), min(finite[-1], q3 + whisker * spread)
+    if lo == finite[0] and hi == finite[-1]:
+        return None
+    margin = 0.05 * (hi - lo or 1.0)
+    return lo - margin, hi + margin
+
+
+def condensation_steps(series: dict[str, tuple[list[int], list[float]]]) -> list[int]:
+    """The steps at which a condensation stage fired (density is logged exactly then)."""
+    return sorted({s for name, (steps, _) in series.items() if name.startswith("condense/density") for s in steps})
+
+
 def plot_connectivity(blocks: list[BlockConnectivity], path: str | Path, title: str = "") -> Path:
     """One column per dense block: LGC reads (top) and SFR rewrites (bottom)."""
     plt = _pyplot()
@@ -200,6 +224,7 @@ def plot_connectivity(blocks: list[BlockConnectivity], path: str | Path, title: 
         nrows, len(blocks), figsize=(3.2 * len(blocks) + 1.2, 3.2 * nrows + 0.6), squeeze=False
     )
     cmap = plt.get_cmap("viridis").with_extremes(bad="white")  # NaN (s >= t): blank
+    vmin, vmax = color_range(blocks)
     image = None
     for col, b in enumerate(blocks):
         for row, (kind, m) in enumerate((("LGC reads", b.lgc), ("SFR rewrites", b.sfr))[:nrows]):
@@ -208,7 +233,7 @@ def plot_connectivity(blocks: list[BlockConnectivity], path: str | Path, title: 
                 ax.axis("off")
                 continue
             n = m.shape[0]
-            image = ax.imshow(m.numpy(), cmap=cmap, vmin=0.0, vmax=1.0, origin="upper")
+            image = ax.imshow(m.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, origin="upper")
             ax.set_title(f"{b.name.split('.')[-1]}: {kind}", fontsize=9)
             ax.set_xlabel("source (0 = block input)", fontsize=8)
             ax.set_ylabel("target layer", fontsize=8)
@@ -223,7 +248,7 @@ def plot_connectivity(blocks: list[BlockConnectivity], path: str | Path, title: 
                         v = float(m[t, s])
                         if not math.isnan(v):
                             ax.text(s, t, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                                    color="white" if v < 0.5 else "black")
+                                    color="white" if v < (vmin + vmax) / 2 else "black")
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="fraction of source channels")
     if title:
@@ -247,9 +272,13 @@ def plot_curves(series: dict[str, tuple[list[int], list[float]]], path: str | Pa
     """Top-1/top-5, losses, learning rate and LGC/SFR density against the step."""
     plt = _pyplot()
     last_step = max((max(steps) for steps, _ in series.values() if steps), default=0)
+    stages = condensation_steps(series)
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (label, names) in zip(axes.ravel(), _PANELS):
         drawn = False
+        for k, step in enumerate(stages):
+            ax.axvline(step, color="gray", linestyle=":", linewidth=0.9,
+                       label="condensation step" if k == 0 else None)
         for name in names:
             if name not in series:
                 continue
@@ -262,6 +291,8 @@ def plot_curves(series: dict[str, tuple[list[int], list[float]]], path: str | Pa
             else:
                 ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=name)
             drawn = True
+        if label == "loss":
+            _clip_outliers(ax, [v for n in names if n in series for v in series[n][1]])
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
@@ -278,3 +309,14 @@ def plot_curves(series: dict[str, tuple[list[int], list[float]]], path: str | Pa
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _clip_outliers(ax, values: list[float]) -> None:
+    limits = robust_ylim(values)
+    if limits is None:
+        return
+    ax.set_ylim(*limits)
+    above = sum(v > limits[1] for v in values if math.isfinite(v))
+    if above:
+        ax.text(0.99, 0.98, f"{above} point(s) above, up to {max(values):.3g}", ha="right", va="top",
+                transform=ax.transAxes, fontsize=7, color="gray")

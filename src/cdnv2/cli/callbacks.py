@@ -11,7 +11,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .sweeps import SWEEP_EXIT_CODE, read_record
+from .sweeps import JOB_RECORD, SWEEP_EXIT_CODE, read_record
 
 COLUMNS = [
     "job", "status", "exit_code", "top1", "compact_top1", "paper_mflops", "paper_mparams",
@@ -20,15 +20,15 @@ COLUMNS = [
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
-    dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+    dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / JOB_RECORD).exists())]
     return sorted(dirs, key=lambda p: (len(p.name), p.name))
 
 
 def job_row(job: Path) -> dict:
     """One summary row: how the job ended (job.json) and what it measured (report.json)."""
     overrides_path = job / ".hydra" / "overrides.yaml"
-    overrides = OmegaConf.load(overrides_path) if overrides_path.exists() else []
     record = read_record(job) or {}
+    overrides = OmegaConf.load(overrides_path) if overrides_path.exists() else record.get("overrides", [])
     report_path = job / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else None
     status = record.get("status") or ("finished" if report else "died")
@@ -99,9 +99,9 @@ class SweepSummary(Callback):
 class ValidateConfig(Callback):
     """Check every value of a single run's config before Hydra creates its run directory.
 
-    ``on_run_start`` is the last point before Hydra makes the folder and writes
-    ``.hydra/`` and the log file there, so a bad value leaves nothing behind. Sweeps
-    are checked per job, by the trainer.
+    ``on_run_start`` is the last point before Hydra makes the folder, so a bad value
+    leaves nothing behind (``.hydra/`` and the log file wait for the run's own checks:
+    cli/record.py). Sweeps are checked per job, by the trainer.
     """
 
     def __init__(self, prog: str) -> None:
@@ -125,18 +125,24 @@ class ValidateConfig(Callback):
 
 
 class RunDirWritable(Callback):
-    """A read-only run directory: one paragraph before Hydra fails writing its log there."""
+    """A run directory that is read-only or holds someone else's files: one paragraph
+    before Hydra makes or uses it. Notes a folder it makes, so that a failed start can
+    remove it again (:func:`cdnv2.cli.record.remove_if_unused`)."""
 
     def __init__(self, prog: str) -> None:
         self.prog = prog
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from ..engine.run_dir import check_writable
+        from ..engine.run_dir import check_run_folder, check_writable
         from ..errors import UserError
         from .common import exit_user_error
+        from .record import note_created
 
+        run_dir = config.hydra.run.dir
         try:
-            check_writable(config.hydra.run.dir, "run directory", "choose a writable place with "
+            check_run_folder(run_dir)
+            note_created(run_dir)
+            check_writable(run_dir, "run directory", "choose a writable place with "
                            "hydra.run.dir=... (or name=...), or fix the folder's permissions")
         except UserError as e:
             exit_user_error(self.prog, e)

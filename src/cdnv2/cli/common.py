@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
+import re
 import signal
 import sys
 from typing import Any, Callable, Iterator, Optional, NoReturn
@@ -22,7 +24,33 @@ from omegaconf.errors import OmegaConfBaseException
 from .. import signals
 from ..errors import ConfigError, UserError
 
-OmegaConf.register_new_resolver("cdnv2_suffix", lambda name: f"-{name}" if name else "", replace=True)
+
+
+def run_name_suffix(experiment: Optional[str], init: Optional[str], name: Optional[str]) -> str:
+    """The part of the default run folder after ``<model>-<data>``.
+
+    ``experiment=finetune init=/w/cdnv2_a.pth.tar name=x`` -> ``-finetune-from-cdnv2_a-x``:
+    a fine-tune on the same data as a from-scratch run gets a folder of its own, and the
+    same command always names the same folder (so re-running it resumes).
+    """
+    parts = [str(experiment)] if experiment else []
+    if init:
+        stem = re.sub(r"(\.(pt|pth|tar|safetensors|bin))+$", "", os.path.basename(str(init).rstrip("/")))
+        parts.append("from-" + (re.sub(r"[^A-Za-z0-9_.+-]+", "_", stem) or "init"))
+    if name:
+        parts.append(str(name))
+    return "".join(f"-{p}" for p in parts)
+
+
+def usable_cpus(at_most: int) -> int:
+    """``min(at_most, CPUs this process may use)``: a loader default that torch does not warn
+    about on a small machine (its own check counts the CPU affinity the same way)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(at_most), cpus))
+
+
+OmegaConf.register_new_resolver("cdnv2_run_suffix", run_name_suffix, replace=True)
+OmegaConf.register_new_resolver("cdnv2_cpus", usable_cpus, replace=True)
 
 CONFIG_MODULE = "cdnv2.configs"
 
@@ -106,10 +134,16 @@ def check_command_line(config_name: str, argv: list[str]) -> Optional[str]:
     A sweep (``-m key=a,b``) is checked value by value; ranges a sweeper samples
     (``interval(...)``) are left to the sweeper.
     """
-    from hydra._internal.utils import get_args_parser  # the parser @hydra.main itself uses
+    # Hydra has no public parser for its command line; this is the one @hydra.main uses,
+    # so the flags (-m, --cfg, --help ...) are read exactly as the command will read them.
+    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args, _ = get_args_parser().parse_known_args(argv)
+    if args.experimental_rerun is not None:
+        return (f"--experimental-rerun {args.experimental_rerun} is not supported: Hydra would unpickle that "
+                "file, and unpickling runs any code it holds. Re-run the command with its overrides "
+                "instead (a run records them in <run>/.hydra/overrides.yaml).")
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return None
     try:

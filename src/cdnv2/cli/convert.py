@@ -6,10 +6,11 @@
 
 The compact model must reproduce the masked model's outputs (parity on random images;
 the command fails otherwise). The before/after table shows paper-rule and executed
-FLOPs, parameters, file size and timings. ``export=torchscript|onnx|openvino|all`` writes
-``<artifact>.torchscript.pt`` / ``<artifact>.onnx`` / ``<artifact>.xml`` (the ONNX and
-OpenVINO files in the runtime-friendly deployment form, docs/deploy.md) and checks each
-against PyTorch. ``quantize=int8`` adds ``<artifact>.int8.onnx`` / ``<artifact>.int8.xml``,
+FLOPs, parameters, file size and timings. ``export=torchscript|onnx|openvino|aoti|executorch``
+writes ``<artifact>.torchscript.pt`` / ``.onnx`` / ``.xml`` / ``.pt2`` (AOTInductor) /
+``.pte`` (ExecuTorch, XNNPACK) beside the artifact (all but TorchScript in the
+runtime-friendly deployment form, docs/deploy.md) and checks each against PyTorch before
+it replaces a file of that name; ``export=all`` is the first three. ``quantize=int8`` adds ``<artifact>.int8.onnx`` / ``<artifact>.int8.xml``,
 calibrated on training images of the artifact's data config, with an fp32 vs int8 table.
 """
 from __future__ import annotations
@@ -27,17 +28,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..benchmark import compare_costs, cost_rows, device_note
 from ..checkpoint import Loaded, open_checkpoint, save_compact
-from ..compact import Structure, check_parity, convert_model
+from ..compact import Structure, check_fully_condensed, check_parity, convert_model
 from ..condense import condensing_layers
 from ..data import DataError
 from ..deploy import ExportError, export_and_check, formats_for, require
+from ..deploy.export import PACKAGES
 from ..deploy.quantize import QUANTIZE
-from ..engine.run_dir import check_writable
+from ..engine.run_dir import check_not_run_file, check_writable
 from ..errors import CheckpointError, ConfigError
 from ..flops import count_cost
 from ..tables import format_grid
+from ..engine.runtime import configure_runtime, resolve_device
 from .common import make_main, run_user_command
-from ..engine.runtime import resolve_device
 
 PROG = "cdnv2-convert"
 
@@ -50,7 +52,7 @@ class ConvertConfig:
     official: Optional[str] = None  # official file: its variant; None: detected from the keys
     weights: str = "auto"  # auto | ema | raw
     out: Optional[str] = None  # artifact path; None: <checkpoint>_compact.pt beside it
-    export: str = "none"  # none | torchscript | onnx | openvino | all
+    export: str = "none"  # none | torchscript | onnx | openvino | aoti | executorch | safetensors | all
     quantize: str = "none"  # none | int8: int8 copies of the exported ONNX / OpenVINO files
     calib_images: int = 300  # training images that calibrate the int8 ranges
     parity_samples: int = 8  # random images of the parity check
@@ -80,20 +82,54 @@ def _weights_bytes(model: torch.nn.Module) -> int:
     return buf.tell()
 
 
-def _save_artifact(out: Path, compact: torch.nn.Module, loaded: Loaded) -> Path:
+def _save_artifact(out: Path, compact: torch.nn.Module, loaded: Loaded, format: str = "auto") -> Path:
     metrics = dict(loaded.metrics or {})
     if metrics:
         metrics["measured_on"] = f"{loaded.structure} model of {loaded.path.name}"
     save_compact(
         out, compact, model_name=loaded.model_name, model_kwargs=loaded.model_kwargs,
         class_names=loaded.class_names, preprocess=loaded.preprocess, metrics=metrics or None,
-        data=loaded.data_config, seed=loaded.seed,
+        data=loaded.data_config, seed=loaded.seed, format=format,
     )
     return out
 
 
 def run(cfg: ConvertConfig) -> dict:
-    """Convert (and export) ``cfg.checkpoint``; print the tables; return a summary dict."""
+    """Convert (and export) ``cfg.checkpoint``; print the tables; return a summary dict.
+
+    The steps: validate the options, open the checkpoint, convert it (with the parity
+    check) and save the artifact, or take the artifact as it is; export and check the
+    files; quantize them. Process-wide settings (threads) are the command's, not this
+    function's: see :func:`_run`.
+    """
+    formats = validate(cfg)
+    loaded = open_checkpoint(cfg.checkpoint, weights=cfg.weights, official_name=cfg.official)
+    if cfg.quantize == "int8":
+        from .eval import resolve_data_config
+
+        resolve_data_config(loaded)  # calibration needs the recorded data config: fail before any work
+    summary: dict[str, Any] = {"checkpoint": str(loaded.path), "model": loaded.model_name, "kind": loaded.kind}
+    if loaded.structure is Structure.COMPACT:
+        compact, out = keep_artifact(cfg, loaded)
+    else:
+        compact, out = convert_and_save(cfg, loaded, summary)
+    summary["artifact"] = str(out)
+    if cfg.export == "safetensors":  # the weights to share: no pickle, metadata as JSON strings
+        shared = _save_artifact(out.with_suffix(".safetensors"), compact, loaded, format="safetensors")
+        summary["safetensors"] = str(shared)
+        print(f"safetensors: {shared} ({shared.stat().st_size / 1e6:.2f} MB)", flush=True)
+    if formats:
+        checks = export_files(compact, formats, out, loaded)
+        summary["exports"] = [c.as_dict() for c in checks]
+        if cfg.quantize == "int8":
+            results = quantize_exports(checks, compact, loaded, cfg)
+            summary["int8"] = [r.as_dict() for r in results]
+            print(int8_table(results, loaded), flush=True)
+    return summary
+
+
+def validate(cfg: ConvertConfig) -> list[str]:
+    """Check the options before any work; return the export formats."""
     if not cfg.checkpoint:
         raise ConfigError(
             "checkpoint=PATH is required: a training checkpoint (runs/<run>/checkpoints/last.pt), an "
@@ -102,84 +138,79 @@ def run(cfg: ConvertConfig) -> dict:
         )
     if cfg.parity_samples < 1 or cfg.cost_batch < 1:
         raise ConfigError(f"parity_samples={cfg.parity_samples} and cost_batch={cfg.cost_batch} must be >= 1")
-    formats = formats_for(cfg.export)
-    require([f for f in formats if f in ("onnx", "openvino")])  # before any work
+    formats = [] if cfg.export == "safetensors" else formats_for(cfg.export)
+    require([f for f in formats if f in PACKAGES])
     _check_quantize(cfg, formats)
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ConfigError(f"threads={cfg.threads} must be >= 1 (or leave it unset: torch's default)")
     if cfg.out:
         _check_out(Path(cfg.out).expanduser())
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    loaded = open_checkpoint(cfg.checkpoint, weights=cfg.weights, official_name=cfg.official)
-    size = loaded.input_size
-    if cfg.quantize == "int8":
-        from .eval import resolve_data_config
+    resolve_device(cfg.device)
+    return formats
 
-        resolve_data_config(loaded)  # calibration needs the recorded data config: fail before any work
-    summary: dict[str, Any] = {"checkpoint": str(loaded.path), "model": loaded.model_name, "kind": loaded.kind}
 
-    if loaded.structure is Structure.COMPACT:
-        compact, out = loaded.model, loaded.path
-        if cfg.out and Path(cfg.out).expanduser().resolve() != loaded.path.resolve():
-            out = _save_artifact(Path(cfg.out).expanduser(), compact, loaded)
-        print(f"{loaded.path} is already a compact artifact; nothing to convert", flush=True)
-        masked = None
-    else:
-        out = Path(cfg.out).expanduser() if cfg.out else default_out(loaded.path)
-        if out.resolve() == loaded.path.resolve():
-            raise ConfigError(f"out={out} is the input checkpoint; choose another path")
-        _check_out(out)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(cfg.parity_samples, *size, generator=g)
-        masked = loaded.model
-        if loaded.structure is Structure.MASKED and not condensing_layers(masked):
-            raise ConfigError(
-                f"{loaded.path}: {loaded.model_name} has no learned group convolutions, so it has no "
-                "compact form; it can be evaluated and exported as it is"
-            )
-        early = [(n, m) for n, m in condensing_layers(masked) if not m.fully_condensed]
-        if early:
-            name, layer = early[0]
-            raise ConfigError(
-                f"{loaded.path} was saved before the last condensation step ({name} is at stage "
-                f"{int(layer.stage)} of {layer.num_steps}), so it has no compact form yet; convert a "
-                "checkpoint from the second half of training, e.g. checkpoints/last.pt of a finished run"
-            )
-        try:
-            compact = convert_model(masked, example_input=x, check=False)
-        except ValueError as e:
-            raise ConfigError(f"{loaded.path} cannot be converted: {' '.join(str(e).split())}") from None
-        parity = check_parity(masked, compact, x)
-        summary["parity"] = {"max_abs_diff": parity.max_abs_diff, "output_scale": parity.output_scale,
-                             "ok": parity.ok, "samples": cfg.parity_samples}
-        if not parity.ok:
-            raise ConfigError(
-                f"parity check failed: the compact model differs from the masked one by "
-                f"{parity.max_abs_diff:.3g} at output scale {parity.output_scale:.3g}; nothing was written"
-            )
-        _save_artifact(out, compact, loaded)
-        print(before_after_table(loaded, masked, compact, out, parity, cfg, device), flush=True)
-    summary["artifact"] = str(out)
+def keep_artifact(cfg: ConvertConfig, loaded: Loaded) -> tuple[torch.nn.Module, Path]:
+    """A compact artifact as input: nothing to convert; copied to ``out=`` if that is elsewhere."""
+    compact, out = loaded.model, loaded.path
+    if cfg.out and Path(cfg.out).expanduser().resolve() != loaded.path.resolve():
+        out = _save_artifact(Path(cfg.out).expanduser(), compact, loaded)
+    print(f"{loaded.path} is already a compact artifact; nothing to convert", flush=True)
+    return compact, out
 
-    if formats:
-        stem = out.with_suffix("") if out.suffix == ".pt" else out
-        checks = export_and_check(compact, formats, stem, size, class_names=loaded.class_names,
-                                  preprocess=loaded.preprocess)
-        summary["exports"] = [c.as_dict() for c in checks]
-        print(export_table(checks), flush=True)
-        bad = [c for c in checks if not c.ok]
-        if bad:
-            raise ExportError(
-                "exported file(s) do not match the PyTorch model: "
-                + "; ".join(f"{c.path}: max |diff| {c.max_abs_diff:.3g} at scale {c.output_scale:.3g}" for c in bad)
-            )
-        if cfg.quantize == "int8":
-            results = quantize_exports(checks, compact, loaded, cfg)
-            summary["int8"] = [r.as_dict() for r in results]
-            print(int8_table(results, loaded), flush=True)
-    return summary
+
+def convert_and_save(cfg: ConvertConfig, loaded: Loaded, summary: dict) -> tuple[torch.nn.Module, Path]:
+    """Masked -> compact, checked for parity, saved; the before/after table printed."""
+    out = Path(cfg.out).expanduser() if cfg.out else default_out(loaded.path)
+    if out.resolve() == loaded.path.resolve():
+        raise ConfigError(f"out={out} is the input checkpoint; choose another path")
+    _check_out(out)
+    masked = loaded.model
+    check_convertible(loaded)
+    x = torch.randn(cfg.parity_samples, *loaded.input_size, generator=torch.Generator().manual_seed(0))
+    try:
+        compact = convert_model(masked, example_input=x, check=False)
+    except ValueError as e:
+        raise ConfigError(f"{loaded.path} cannot be converted: {' '.join(str(e).split())}") from None
+    parity = check_parity(masked, compact, x)
+    summary["parity"] = {"max_abs_diff": parity.max_abs_diff, "output_scale": parity.output_scale,
+                         "ok": parity.ok, "samples": cfg.parity_samples}
+    if not parity.ok:
+        raise ConfigError(
+            f"parity check failed: the compact model differs from the masked one by "
+            f"{parity.max_abs_diff:.3g} at output scale {parity.output_scale:.3g}; nothing was written"
+        )
+    _save_artifact(out, compact, loaded)
+    print(before_after_table(loaded, masked, compact, out, parity, cfg, resolve_device(cfg.device)), flush=True)
+    return compact, out
+
+
+def check_convertible(loaded: Loaded) -> None:
+    """A masked model has a compact form once it has LGCs and all of them are fully condensed."""
+    if loaded.structure is Structure.MASKED and not condensing_layers(loaded.model):
+        raise ConfigError(
+            f"{loaded.path}: {loaded.model_name} has no learned group convolutions, so it has no "
+            "compact form; it can be evaluated and exported as it is"
+        )
+    try:
+        check_fully_condensed(loaded.model)
+    except ValueError as e:
+        raise ConfigError(f"{loaded.path}: {' '.join(str(e).split())}") from None
+
+
+def export_files(compact: torch.nn.Module, formats: list[str], out: Path, loaded: Loaded) -> list:
+    """Export beside the artifact, print the table; a file that disagrees with PyTorch is an error
+    (and was not written: an earlier file of that name stays)."""
+    stem = out.with_suffix("") if out.suffix == ".pt" else out
+    source = {"model": loaded.model_name, "model_kwargs": loaded.model_kwargs, "data": loaded.data_config,
+              "seed": loaded.seed, "artifact": str(out)}
+    checks = export_and_check(compact, formats, stem, loaded.input_size, class_names=loaded.class_names,
+                              preprocess=loaded.preprocess, source=source)
+    print(export_table(checks), flush=True)
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        raise ExportError(
+            "exported file(s) do not match the PyTorch model, so they were not written: "
+            + "; ".join(f"{c.path}: max |diff| {c.max_abs_diff:.3g} at scale {c.output_scale:.3g}" for c in bad)
+        )
+    return checks
 
 
 def _check_out(out: Path) -> None:
@@ -190,6 +221,7 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"out={out} names the PyTorch artifact, which the exports are written beside "
                           f"({out.stem}.onnx, {out.stem}.xml, ...); give it a .pt name, e.g. "
                           f"out={out.with_suffix('.pt')}")
+    check_not_run_file(out, "out")
     check_writable(out.parent, "output folder", "choose another place with out=PATH")
 
 
@@ -290,7 +322,13 @@ def export_table(checks) -> str:
 
 def _run(cfg: DictConfig) -> None:
     convert_cfg: ConvertConfig = OmegaConf.to_object(cfg)
-    run_user_command(PROG, lambda: run(convert_cfg), (DataError, CheckpointError))
+
+    def go():
+        # torch's default kernels: conversion needs no deterministic mode, and its timings are fp32 defaults
+        configure_runtime(convert_cfg.device, deterministic="false", threads=convert_cfg.threads)
+        return run(convert_cfg)
+
+    run_user_command(PROG, go, (DataError, CheckpointError))
 
 
 main = make_main(PROG, "convert", _run)

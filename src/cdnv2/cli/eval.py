@@ -4,6 +4,7 @@
     cdnv2-eval checkpoint=runs/cdnv2_tiny-shapes/model_compact.pt data=shapes
     cdnv2-eval checkpoint=cdnv2_c.pth.tar official=cdnv2_c data=imagenet data.root=/data/imagenet
     cdnv2-eval checkpoint=... cost=true cost_batch=64
+    cdnv2-eval checkpoint=runs/cdnv2_tiny-shapes/model_compact.pt2   # AOTInductor package (export=aoti)
 
 A training checkpoint is evaluated exactly as the trainer's final evaluation (same
 ``build_data`` call with the recorded data config and seed, same :func:`evaluate`), so
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -25,21 +27,23 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .. import confusion as per_class
 from ..benchmark import compare_costs, cost_rows, device_note
 from ..checkpoint import Loaded, open_checkpoint
 from ..compact import Structure, convert_model
 from ..condense import condensing_layers
 from ..data import DataConfig, build_data
 from ..engine.logger import Progress
-from ..engine.runtime import configure_runtime, deterministic_mode, resolve_device
+from ..engine.run_dir import check_not_run_file, check_writable
+from ..engine.runtime import AUTOCAST_DTYPES, configure_runtime, deterministic_mode, resolve_device
 from ..errors import ConfigError
 from ..evaluate import evaluate
 from .common import make_main, run_user_command
 from ..tables import format_grid, format_table
 
 PROG = "cdnv2-eval"
+WORST_CLASSES = 5  # rows of the worst-classes table
 PREPROCESS_KEYS = ("image_size", "eval_resize", "interpolation", "mean", "std")
-_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 log = logging.getLogger("cdnv2")
 
@@ -48,7 +52,7 @@ log = logging.getLogger("cdnv2")
 class EvalConfig:
     """cdnv2-eval's options (the Hydra schema of configs/eval.yaml)."""
 
-    checkpoint: Optional[str] = None  # training checkpoint, compact artifact or official file
+    checkpoint: Optional[str] = None  # training checkpoint, compact artifact, official file or .pt2 package
     official: Optional[str] = None  # official file: its variant; None: detected from the keys
     weights: str = "auto"  # auto | ema | raw
     data: DataConfig = field(default_factory=DataConfig)  # see run(): replaces or patches the recorded one
@@ -91,6 +95,7 @@ def resolve_data_config(
         base, source = dataclasses.asdict(data), f"command line (data={data.name})"
     elif loaded.data_config is not None:
         base, source = _known_fields(loaded.data_config), "checkpoint"
+        base["download"] = False  # a downloaded file never makes a command fetch into a folder it names
     else:
         what = {"compact": "this compact artifact", "official": "an official release file"}.get(
             loaded.kind, "this checkpoint"
@@ -122,17 +127,22 @@ def resolve_data_config(
 
 def _eval_settings(cfg: EvalConfig, loaded: Loaded, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
     amp = cfg.amp if cfg.amp is not None else loaded.trainer.get("amp", "none")
-    if amp not in _AMP:
-        raise ConfigError(f"amp={amp!r}: use one of {', '.join(_AMP)}")
+    if amp not in AUTOCAST_DTYPES:
+        raise ConfigError(f"amp={amp!r}: use one of {', '.join(AUTOCAST_DTYPES)}")
     channels_last = cfg.channels_last if cfg.channels_last is not None else bool(loaded.trainer.get("channels_last"))
-    return (_AMP[amp] if device.type == "cuda" else None), channels_last
+    return (AUTOCAST_DTYPES[amp] if device.type == "cuda" else None), channels_last
 
 
 def configure_for(cfg: EvalConfig, loaded: Loaded) -> str:
     """The command's process-wide settings: ``threads`` (default: as trained), kernels."""
-    threads = cfg.threads or loaded.trainer.get("threads")
-    return configure_runtime(cfg.device, deterministic=cfg.deterministic,
-                             threads=int(threads) if threads else None)
+    threads = cfg.threads or _recorded_threads(loaded.trainer.get("threads"))
+    return configure_runtime(cfg.device, deterministic=cfg.deterministic, threads=threads)
+
+
+def _recorded_threads(value) -> Optional[int]:
+    """The run's thread count if it is one this machine can use (a file's value is not trusted)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= (os.cpu_count() or 1)
+    return value if ok else None
 
 
 def eval_json_path(cfg_out: Optional[str], checkpoint: Path) -> Path:
@@ -205,7 +215,44 @@ def load(cfg: EvalConfig) -> Loaded:
         raise ConfigError(f"cost_batch={cfg.cost_batch} must be >= 1 and bench_seconds={cfg.bench_seconds} >= 0")
     deterministic_mode(cfg.deterministic)  # a bad value fails before the file is read
     resolve_device(cfg.device)
-    return open_checkpoint(cfg.checkpoint, weights=cfg.weights, official_name=cfg.official)
+    if str(cfg.checkpoint).endswith(".pt2"):
+        loaded = open_aoti_package(Path(cfg.checkpoint).expanduser(), cfg)
+    else:
+        loaded = open_checkpoint(cfg.checkpoint, weights=cfg.weights, official_name=cfg.official)
+    check_out(eval_json_path(cfg.out, loaded.path))
+    return loaded
+
+
+def check_out(path: Path) -> None:
+    """Before evaluating: eval.json can be written at ``path`` and is not a run's own file."""
+    check_not_run_file(path, "out")
+    check_writable(path.parent, "output folder", f"eval.json cannot be written there; give another "
+                   f"place with out=PATH (e.g. out={Path.cwd() / 'eval.json'})")
+
+
+def open_aoti_package(path: Path, cfg: EvalConfig) -> Loaded:
+    """A ``.pt2`` of ``cdnv2-convert export=aoti``: the package runs the model (CPU), its
+    ``.pt2.json`` sidecar says what the artifact recorded (classes, preprocessing, data, seed)."""
+    from ..checkpoint import Kind
+    from ..deploy.aoti import AOTIPackage
+    from ..deploy.export import sidecar
+
+    side = sidecar(path)
+    if not path.is_file() or not side.is_file():
+        raise ConfigError(f"checkpoint={path}: {'no such file' if not path.is_file() else f'{side.name} is missing'}; "
+                          "give a .pt2 written by cdnv2-convert export=aoti, with its .pt2.json beside it")
+    info = json.loads(side.read_text())
+    source = info.get("source") or {}
+    if "model" not in source:
+        raise ConfigError(f"{side} does not record the model and data it was exported from; "
+                          "export it again with cdnv2-convert export=aoti")
+    if cfg.cost or resolve_device(cfg.device).type != "cpu":
+        raise ConfigError(f"checkpoint={path} is compiled for the CPU and has no layers to count: use device=cpu "
+                          f"without cost=true, or evaluate {source.get('artifact', 'the .pt artifact')} for costs")
+    return Loaded(model=AOTIPackage(path), path=path, kind=Kind.COMPACT, model_name=source["model"],
+                  model_kwargs=source.get("model_kwargs") or {}, structure=Structure.COMPACT, weights="raw",
+                  class_names=info.get("class_names"), preprocess=info.get("preprocess"),
+                  data_config=source.get("data"), seed=source.get("seed"))
 
 
 def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Optional[dict] = None,
@@ -247,8 +294,9 @@ def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Opti
         model.to(memory_format=torch.channels_last)
     bar = Progress(len(built.val_loader), "eval", cfg.progress, 10**9)
     result = evaluate(model, built.val_loader, device, autocast_dtype=autocast_dtype,
-                      channels_last=channels_last, progress=bar)
+                      channels_last=channels_last, progress=bar, confusion=True)
     bar.close()
+    names = loaded.class_names or built.class_names
 
     record: dict[str, Any] = {
         "checkpoint": str(loaded.path),
@@ -257,6 +305,7 @@ def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Opti
         "structure": loaded.structure,
         "weights": loaded.weights,
         **result.as_dict(),
+        **per_class.summary(result.confusion, names),
         "data": {"name": data_cfg.name, "root": data_cfg.root, "source": source, "seed": seed,
                  "eval_batch_size": data_cfg.eval_batch_size},
         "preprocess": built.eval_preprocess,
@@ -266,23 +315,37 @@ def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Opti
     if cfg.cost:
         record["cost"], cost_table = cost_section(loaded, device, cfg.cost_batch, cfg.bench_seconds)
     path = eval_json_path(cfg.out, loaded.path)
+    error = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        record["files"], note = per_class.write_files(path, result.confusion, names,
+                                                      f"{loaded.model_name} on {data_cfg.name}")
         path.write_text(json.dumps(record, indent=2) + "\n")
-    except OSError as e:
-        raise ConfigError(f"cannot write {path}: {e.strerror or e}; choose another place with out=PATH") from None
-    record["eval_json"] = str(path)
+        record["eval_json"] = str(path)
+    except OSError as e:  # checked up front, but the disk can fill meanwhile: show the result anyway
+        record["eval_json"] = f"not written ({e.strerror or e})"
+        error = ConfigError(f"cannot write {path}: {e.strerror or e}; the result is in the table above. "
+                            "Choose another place with out=PATH")
     print(summary_table(record), flush=True)
+    print(class_tables(record, note), flush=True)
     if cfg.cost:
         print(cost_table, flush=True)
+    if error is not None:
+        raise error
     return record
+
+
+def model_description(r: dict) -> str:
+    """``cdnv2_tiny (compact, raw weights)``: the kind of file and its structure, once each."""
+    kinds = ", ".join(dict.fromkeys([r["kind"], r["structure"]]))
+    return f"{r['model']} ({kinds}, {r['weights']} weights)"
 
 
 def summary_table(r: dict) -> str:
     p = r["preprocess"]
     rows = [
         ("checkpoint", r["checkpoint"]),
-        ("model", f"{r['model']} ({r['kind']}, {r['structure']}, {r['weights']} weights)"),
+        ("model", model_description(r)),
         ("data", f"{r['data']['name']}{' ' + r['data']['root'] if r['data']['root'] else ''} "
                  f"({r['samples']} images; config from {r['data']['source']})"),
         ("preprocess", f"resize {p['resize']} {p['interpolation']}, crop {p['crop']}"),
@@ -296,6 +359,24 @@ def summary_table(r: dict) -> str:
                      + (f" (epoch {rec['epoch']})" if "epoch" in rec else "")))
     rows.append(("eval.json", r["eval_json"]))
     return format_table(rows, "cdnv2-eval")
+
+
+def class_tables(r: dict, note: Optional[str]) -> str:
+    """The worst classes (and, when there is no PNG, the largest confusions), plus the files."""
+    scores = [per_class.ClassScore(**c) for c in r["per_class"]]
+    worst = per_class.worst_classes(scores, WORST_CLASSES)
+    rows = [[s.name, str(s.samples), f"{s.accuracy:.1f}",
+             f"{s.confused_with} ({s.confused_count})" if s.confused_with else "-"] for s in worst]
+    text = format_grid(["class", "images", "top-1 %", "most often predicted instead"], rows,
+                       f"the {len(worst)} worst of {len(scores)} classes")
+    if note and r["top_confusions"]:
+        rows = [[c["true"], c["predicted"], str(c["count"]), f"{c['percent']:.1f}"] for c in r["top_confusions"][:10]]
+        text += "\n" + format_grid(["true class", "predicted as", "images", "% of class"], rows, "largest confusions")
+    files = [Path(f) for f in r["files"].values() if f]
+    text += f"\nper-class files in {files[0].parent}: " + ", ".join(f.name for f in files)
+    if note:
+        text += f"\n{note}"
+    return text
 
 
 # ----------------------------------------------------------------------------- Hydra shim

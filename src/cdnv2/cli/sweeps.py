@@ -123,7 +123,12 @@ def one_line(text: str, limit: int = 300) -> str:
 
 
 def _is_main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    from ..engine.distributed import distributed_env
+
+    try:
+        return distributed_env().is_main
+    except UserError:  # the job fails on it (the trainer says why); its record is still written
+        return True
 
 
 def _finished_before(run_dir: Path, overrides: list[str]) -> dict | None:
@@ -197,9 +202,11 @@ def export_distributed_env() -> None:
     The launcher starts one process per GPU (tasks_per_node); the engine reads the same
     variables as under torchrun, so a sweep point trains exactly as a torchrun job does.
     """
+    from ..engine.distributed import RANK_VARS
+
     env = _submitit_env()
-    if env is None or env.num_tasks <= 1 or "RANK" in os.environ:
-        return
+    if env is None or env.num_tasks <= 1 or any(v in os.environ for v in RANK_VARS):
+        return  # set already: the trainer checks that the set is complete
     import submitit
 
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

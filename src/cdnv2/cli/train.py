@@ -11,6 +11,7 @@ same command skips finished jobs and resumes the others; failing jobs are record
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from ..errors import ConfigError, TrainingInterrupted
 from ..models import list_models
 from . import launchers, search  # noqa: F401  (register the slurm / pareto presets)
 from .common import compose_config, make_main, run_user_command
+from .record import RunRecord, remove_if_unused
 from .sweeps import compact_latency_ms, export_distributed_env, missing_extra, run_sweep_job, with_sweep_name
 
 PROG = "cdnv2-train"
@@ -87,15 +89,19 @@ def _run(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     command_cfg: TrainCommandConfig = OmegaConf.to_object(cfg)
+    # .hydra/ and train.log, once the run owns its folder (see cli/record.py)
+    records = [RunRecord(cfg, copy.deepcopy(HydraConfig.instance().cfg))]
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        return _sweep_job(command_cfg, run_dir, list(hydra_cfg.overrides.task))
+        return _sweep_job(command_cfg, run_dir, list(hydra_cfg.overrides.task), records)
 
     def go():
         try:
-            return run_command(command_cfg, run_dir)
+            return run_command(command_cfg, run_dir, records)
         except TrainingInterrupted as e:
             print(f"{PROG}: {e}; re-run the same command to resume", file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
+        finally:
+            remove_if_unused(run_dir)  # a refused or failed start leaves no empty folder
 
     return _objective(run_user_command(PROG, go))
 
@@ -108,12 +114,13 @@ def _objective(report: dict | None) -> float | None:
     return compact.get("top1", report.get("top1"))
 
 
-def _sweep_job(cfg: TrainCommandConfig, run_dir: str, overrides: list[str]) -> float | None:
+def _sweep_job(cfg: TrainCommandConfig, run_dir: str, overrides: list[str],
+               callbacks: list[Callback]) -> float | None:
     """One sweep point: a failure is recorded in its run dir and the sweep goes on."""
     export_distributed_env()  # one process per GPU under a cluster launcher
     device = cfg.trainer.device
     report = run_sweep_job(
-        PROG, run_dir, overrides, lambda: run_command(cfg, run_dir),
+        PROG, run_dir, overrides, lambda: run_command(cfg, run_dir, callbacks),
         latency=lambda path: compact_latency_ms(path, device),
     )
     return _objective(report)

@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import open_checkpoint
-from ..engine.run_dir import check_writable
+from ..engine.run_dir import check_not_run_file, check_writable
 from ..errors import CheckpointError, ConfigError
 from ..viz import REDUCTIONS, VizError, block_connectivity, plot_connectivity, plot_curves, read_metrics
 from .common import make_main, run_user_command
@@ -68,6 +68,8 @@ def run(cfg: VizConfig) -> dict[str, str]:
         out = run_dir / "plots"
     else:
         out = checkpoint.parent
+    for name in ("curves.png", "connectivity.png", "connectivity.json"):
+        check_not_run_file(out / name, "out")
     check_writable(out, "output folder", "choose another place with out=PATH")
     written: dict[str, str] = {}
 

@@ -4,9 +4,11 @@ compact containers and their fused inference path, and the official release impo
 ==================  =============================================================
 ``structure.py``    the :class:`Structure` enum and :func:`model_structure`
 ``convert.py``      masked -> compact-training -> compact; parity; restructuring
+``fold.py``         the dense-layer interface and the fold of one layer (and its inverse)
 ``dense.py``        CompactDenseLayer / Block / Features (the inference containers)
-``fused_plan.py``   what the fused inference path folds from one layer's weights
-``fused_run.py``    the fused inference path itself (block buffers, workspace)
+``fused_plan.py``   what the eager fused inference path derives from one layer's fold
+``fused_run.py``    the eager fused inference path itself (block buffers, workspace)
+``static_run.py``   the traced path (torch.compile / torch.export): folds as buffers
 ``official.py``     official CondenseNetV2 release files: detection and key mapping
 ==================  =============================================================
 

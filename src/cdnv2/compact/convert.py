@@ -7,8 +7,8 @@
 - :func:`restructure_for_state_dict`: a freshly built masked model takes the structure a
   state dict was saved with, so that ``load_state_dict`` works.
 
-Like ``condense``, this module walks any model for LGC/SFR layers; of a dense layer it
-knows only the child names ``conv_1``, ``conv_2``, ``se`` and ``sfr``.
+Like ``condense``, this module walks any model for LGC/SFR layers; it finds dense layers
+through their declared interface (:class:`~cdnv2.compact.fold.DenseLayerLike`).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from ..layers import (
 )
 from ..layers.index_kernels import gather_lgc_weight, gather_linear_weight, gather_sfr_weight
 from .dense import CompactDenseBlock, CompactDenseLayer, CompactFeatures
+from .fold import is_dense_layer
 
 __all__ = [
     "ParityError",
@@ -73,9 +74,8 @@ def _set_child(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _is_dense_layer(m: nn.Module) -> bool:
-    return (not isinstance(m, CompactDenseLayer) and all(hasattr(m, a) for a in ("conv_1", "conv_2", "se", "sfr"))
-            and isinstance(m.conv_1, (LearnedGroupConv, CompactTrainLGC, CompactLGC))
-            and not isinstance(m.conv_1, LearnedLinear))
+    """A dense layer not yet in its inference container."""
+    return is_dense_layer(m) and not isinstance(m, CompactDenseLayer)
 
 
 def _to_eval_lgc(m: nn.Module) -> CompactLGC:

@@ -1,10 +1,14 @@
 """Dense layer, block and feature extractor of the compact inference model.
 
-Under ``torch.no_grad()`` / ``inference_mode()`` in eval mode, without hooks or autocast,
-they run the fused path (:mod:`cdnv2.compact.fused_run`: one buffer per block, BNs
-folded into the GEMMs); otherwise the plain module-by-module path with the same math.
-What the fused path derives from the weights is kept in side stores, never in the
-modules, so ``forward`` leaves the modules as they were.
+Three paths with the same math:
+
+- traced (``torch.compile``, ``torch.export``) in eval mode: the static path
+  (:mod:`cdnv2.compact.static_run`: one block buffer, folds stored as ``static_*``
+  buffers refreshed on ``eval()`` and ``load_state_dict``; no host reads);
+- eager under ``torch.no_grad()`` / ``inference_mode()`` in eval mode, without hooks or
+  autocast: the fused path (:mod:`cdnv2.compact.fused_run`: one buffer per block, BNs
+  folded into the GEMMs, plans kept in side stores, never in the modules);
+- otherwise the plain module-by-module path.
 """
 from __future__ import annotations
 
@@ -15,8 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import CompactLGC, CompactSFR, PreActConv
+from .fold import act_kind
 from .fused_plan import forget_plan
 from .fused_run import is_pool2, run_block
+from .static_run import refresh_static, register_static_buffers, run_block_static
 
 # module -> its submodules (without itself, so the entry does not keep the module alive):
 # walking ~600 modules per call costs ~2 ms on cdnv2_c; train() / eval() refresh it.
@@ -30,6 +36,11 @@ class _Fused:
         forget_plan(self)
         _SUBMODULES.pop(self, None)
         return super().train(mode)
+
+
+def _static(module: nn.Module) -> bool:
+    """Traced in eval mode: the static path (it ignores hooks and autograd)."""
+    return torch.compiler.is_compiling() and not module.training
 
 
 def _fused_ok(module: nn.Module) -> bool:
@@ -52,16 +63,35 @@ class CompactDenseLayer(_Fused, nn.Module):
     """Inference dense layer: compact LGC -> 3x3 -> [SE] -> [compact SFR]; concat.
 
     The same math as :class:`~cdnv2.models.DenseLayer` with compact 1x1 layers. Child
-    names match the masked layer, so state-dict keys differ only inside LGC/SFR.
+    names match the masked layer, so state-dict keys differ only inside LGC/SFR; it
+    satisfies :class:`~cdnv2.compact.fold.DenseLayerLike`.
+
+    ``fast_modes`` forces kernel choices of the eager fused path (keys ``"lgc"``:
+    ``"dense"`` | ``"grouped"``, ``"sfr"``: ``"dense"`` | ``"grouped"``, ``"conv3"``:
+    ``"depthwise"`` | ``"conv"``); a missing key takes the measured default.
     """
 
-    def __init__(self, conv_1: CompactLGC, conv_2: PreActConv, se: nn.Module, sfr: CompactSFR | None):
+    def __init__(self, conv_1: CompactLGC, conv_2: PreActConv, se: nn.Module, sfr: CompactSFR | None, *,
+                 fast_modes: dict[str, str] | None = None):
         super().__init__()
         self.conv_1, self.conv_2, self.se, self.sfr = conv_1, conv_2, se, sfr
         self.in_channels = conv_1.in_channels
         self.growth = conv_2.conv.out_channels
+        self.fast_modes: dict[str, str] = dict(fast_modes or {})
+        self.act_kinds = (act_kind(conv_1.act), act_kind(conv_2.act), act_kind(sfr.act) if sfr is not None else None)
+        register_static_buffers(self)
+        self.static_ready = not self.training and refresh_static(self)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # eval(): fold the current weights for the static path (BNs are in eval mode now)
+        self.static_ready = not mode and refresh_static(self)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _static(self) and self.static_ready:
+            return run_block_static([self], x)
         if _fused_ok(self):
             out = run_block([self], x)
             if out is not None:
@@ -70,6 +100,10 @@ class CompactDenseLayer(_Fused, nn.Module):
         if self.sfr is not None:
             x = self.sfr(x, h)
         return torch.cat([x, h], 1)
+
+
+def _refresh_after_load(layer: CompactDenseLayer, incompatible_keys) -> None:
+    layer.static_ready = not layer.training and refresh_static(layer)
 
 
 def _all_fusable(block: nn.Sequential) -> bool:
@@ -81,6 +115,8 @@ class CompactDenseBlock(_Fused, nn.Sequential):
     layer's output into one preallocated block buffer (no concatenation copies)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _static(self) and _all_fusable(self) and all(layer.static_ready for layer in self):
+            return run_block_static(list(self), x)
         if _fused_ok(self) and _all_fusable(self):
             out = run_block(list(self), x)
             if out is not None:
@@ -97,14 +133,14 @@ class CompactFeatures(_Fused, nn.Sequential):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fused_ok(self):
+        if _static(self) or not _fused_ok(self):
             return super().forward(x)
         children = list(self)
         pool, flip = False, 0
         for i, m in enumerate(children):
             nxt = children[i + 1] if i + 1 < len(children) else None
-            if is_pool2(m) and isinstance(nxt, CompactDenseBlock):
-                pool = True  # fused into the next block's buffer
+            if is_pool2(m) and isinstance(nxt, CompactDenseBlock) and _all_fusable(nxt):
+                pool = True  # fused into the next block's buffer (the branch below)
                 continue
             if isinstance(m, CompactDenseBlock) and _all_fusable(m):
                 # A buffer that only feeds a transition or a BN may live in the workspace;
@@ -115,7 +151,5 @@ class CompactFeatures(_Fused, nn.Sequential):
                     out = m(F.avg_pool2d(x, 2) if pool else x)
                 x, pool, flip = out, False, 1 - flip
                 continue
-            if pool:  # not reached: a fused pool is always followed by a block
-                x, pool = F.avg_pool2d(x, 2), False
             x = m(x)
         return x

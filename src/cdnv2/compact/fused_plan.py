@@ -13,7 +13,8 @@ rounding):
 
 Narrow LGCs may run as one dense GEMM over all inputs (zeros where pruned: no gather, no
 shuffle) and narrow SFRs as one GEMM accumulated into x (no scatter); the choice per
-layer is measured (``_default_*_mode``) and can be forced with ``layer.fast_modes``.
+layer is measured (``_default_*_mode``) and can be forced with the layer's declared
+``fast_modes`` (:class:`~cdnv2.compact.CompactDenseLayer`).
 
 Plans live in a side store keyed by layer (:func:`plan_for`), never in the modules
 themselves, so copies, ``state_dict`` and exporters see plain modules. A plan is rebuilt
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.conv_unit import bn_affine
+from .fold import NotFoldable, fold_layer
 
 if TYPE_CHECKING:
     from .dense import CompactDenseLayer
@@ -51,13 +52,6 @@ def _relu_fold(s: torch.Tensor, t: torch.Tensor):
     t_eff = torch.where(const, t.clamp_min(0), t)
     return lo, hi, s_eff, t_eff, bool(((s < 0) & ~const).any())
 
-
-def _act_kind(act: nn.Module) -> str:
-    if isinstance(act, nn.ReLU):
-        return "relu"
-    if isinstance(act, nn.Hardswish):
-        return "hswish"
-    return "module"
 
 @dataclass
 class Plan:
@@ -141,14 +135,14 @@ def _default_conv3_mode(layer: "CompactDenseLayer", pixels: int) -> str:
 
 
 def _layer_modes(layer: "CompactDenseLayer") -> tuple[str, str | None]:
-    modes = getattr(layer, "fast_modes", None) or {}
+    modes = layer.fast_modes
     lgc = modes.get("lgc") or _default_lgc_mode(layer)
     sfr = None if layer.sfr is None else (modes.get("sfr") or _default_sfr_mode(layer))
     return lgc, sfr
 
 
 def conv3_mode(layer: "CompactDenseLayer", plan: "Plan", pixels: int) -> str:
-    mode = (getattr(layer, "fast_modes", None) or {}).get("conv3") or _default_conv3_mode(layer, pixels)
+    mode = layer.fast_modes.get("conv3") or _default_conv3_mode(layer, pixels)
     return mode if plan.w_dw else "conv"
 
 
@@ -164,70 +158,54 @@ def _fold_lgc_input(plan: Plan, s1: torch.Tensor, t1: torch.Tensor, dt: torch.dt
 
 
 def build_plan(layer: "CompactDenseLayer") -> Plan | None:
-    lgc, pre3 = layer.conv_1, layer.conv_2
-    conv3 = pre3.conv
-    if conv3.stride != (1, 1) or conv3.padding != (1, 1) or conv3.dilation != (1, 1):
+    """The layer's plan from its folded pieces (:func:`~cdnv2.compact.fold.fold_layer`);
+    None when the layer does not fold (the plain module path runs then)."""
+    try:
+        f = fold_layer(layer)
+    except NotFoldable:
         return None
-    dt = lgc.conv.weight.dtype
-    bn1 = bn_affine(lgc.norm, lgc.selected, lgc.conv.weight)
-    bn2 = bn_affine(pre3.norm, lgc.out_channels, lgc.conv.weight)
-    if bn1 is None or bn2 is None:
-        return None
+    dt = layer.conv_1.conv.weight.dtype
     lgc_mode, sfr_mode = _layer_modes(layer)
-    g, o, c = lgc.groups, lgc.out_channels, lgc.in_channels
-    n, m = o // g, lgc.selected // g
-    idx = lgc.index_long
-    (s1, t1), (s2, t2) = bn1, bn2
-    if lgc_mode == "dense":  # BN per input channel: the copies of a channel must agree
-        s_full = s1.new_zeros(c).index_copy(0, idx, s1)
-        t_full = t1.new_zeros(c).index_copy(0, idx, t1)
-        if not (torch.equal(s_full[idx], s1) and torch.equal(t_full[idx], t1)):
-            lgc_mode = "grouped"
-    plan = Plan(lgc_mode, sfr_mode, _act_kind(lgc.act), _act_kind(pre3.act),
-                 _act_kind(layer.sfr.act) if layer.sfr is not None else None)
-    w = lgc.conv.weight.double().reshape(g, n, m)
+    dense_pre = f.dense_pre() if lgc_mode == "dense" else None
+    if dense_pre is None:  # the copies of an input channel disagree: no per-input BN
+        lgc_mode = "grouped"
+    plan = Plan(lgc_mode, sfr_mode, f.pre_act, f.mid_act, f.sfr.act if f.sfr is not None else None)
+    g, n = f.weight.shape[:2]
     if lgc_mode == "dense":
-        wd = w.new_zeros(n, g, c)
-        for gi in range(g):
-            wd[:, gi, idx[gi * m:(gi + 1) * m]] = w[gi]
-        wd = wd.reshape(o, c)  # interleaved rows: output d*G+g
-        se, te = _fold_lgc_input(plan, s_full, t_full, dt)
-        plan.w1 = (s2[:, None] * wd * se[None, :]).to(dt)
-        b = s2 * (wd @ te) + t2
+        wd = f.dense_weight()  # interleaved rows: output d*G+g
+        se, te = _fold_lgc_input(plan, *dense_pre, dt)
+        plan.w1 = (wd * se[None, :]).to(dt)
+        b = wd @ te + f.dense_bias()
         plan.b_int = b
         plan.b1 = b.to(dt)[:, None]
         plan.nb1 = (-b).to(dt)[:, None]
     else:
-        plan.idx1 = idx
-        perm = torch.arange(o, device=idx.device).view(n, g).t().reshape(-1)  # grouped <- interleaved
-        s2g, t2g = s2[perm].view(g, n), t2[perm].view(g, n)
-        se, te = _fold_lgc_input(plan, s1, t1, dt)
-        plan.w1 = (s2g[:, :, None] * w * se.view(g, 1, m)).to(dt)
-        b = s2g * (w @ te.view(g, m, 1))[..., 0] + t2g  # (G, n)
+        plan.idx1 = f.index
+        m = f.weight.shape[2]
+        se, te = _fold_lgc_input(plan, f.pre_scale, f.pre_shift, dt)
+        plan.w1 = (f.weight * se.view(g, 1, m)).to(dt)
+        b = (f.weight @ te.view(g, m, 1))[..., 0] + f.bias  # (G, n)
         plan.b_int = b.t().reshape(-1)
         plan.b1 = b.to(dt).view(1, g, n, 1)
         plan.nb1 = (-b).to(dt).t().reshape(1, n, g, 1)  # for the transposed (shuffled) view
     plan.bias_through = plan.act2 == "relu" and isinstance(layer.se, nn.Identity)
+    conv3 = f.conv3
     if conv3.kernel_size == (3, 3) and conv3.out_channels // conv3.groups <= 2:
         g3, n3 = conv3.groups, conv3.out_channels // conv3.groups
         w3 = conv3.weight.reshape(g3, n3, conv3.in_channels // g3, 3, 3)
         plan.w_dw = [w3[:, j].reshape(conv3.in_channels, 1, 3, 3).contiguous() for j in range(n3)]
     plan.b_int = plan.b_int.to(dt)
-    if layer.sfr is not None:
-        sfr = layer.sfr
-        bn3 = bn_affine(sfr.norm, sfr.in_channels, sfr.conv.weight)
-        if bn3 is None:
-            return None
-        s3, t3 = (v.to(dt) for v in bn3)
-        k, gs = sfr.in_channels, sfr.groups
+    if f.sfr is not None:
+        s3, t3 = f.sfr.scale.to(dt), f.sfr.shift.to(dt)
+        k, gs = s3.numel(), f.sfr.groups
         if sfr_mode == "dense":
             plan.s3, plan.t3 = s3[:, None], t3[:, None]
-            plan.w_sfr = sfr.dense_weight().to(dt)
+            plan.w_sfr = f.sfr.dense_weight.to(dt)
         else:  # BN in the interleaved -> grouped order of the conv's input
             plan.s3 = s3.view(k // gs, gs).t().reshape(1, gs, k // gs, 1).contiguous()
             plan.t3 = t3.view(k // gs, gs).t().reshape(1, gs, k // gs, 1).contiguous()
-            plan.w_sfr = sfr.conv.weight.reshape(gs, sfr.produced // gs, k // gs)
-            plan.idx_s = sfr.index_long
+            plan.w_sfr = f.sfr.weight.to(dt)
+            plan.idx_s = f.sfr.index
     return plan
 
 
@@ -247,7 +225,7 @@ def plan_for(layer: "CompactDenseLayer") -> Plan | None:
     costs ~2 ms per forward of cdnv2_c); ``train()`` / ``eval()`` drop the plan, so a
     parameter *object* replaced in eval mode is picked up after the next ``eval()``.
     """
-    modes = getattr(layer, "fast_modes", None)
+    modes = layer.fast_modes
     cached = _PLANS.get(layer)
     if cached is not None:
         sources, stamp, plan_modes, plan = cached
@@ -258,7 +236,7 @@ def plan_for(layer: "CompactDenseLayer") -> Plan | None:
     sources = _plan_sources(layer)
     plan = build_plan(layer)
     stamp = [(t._version, t.data_ptr()) for t in sources]
-    _PLANS[layer] = (sources, stamp, dict(modes) if modes else modes, plan)
+    _PLANS[layer] = (sources, stamp, dict(modes), plan)
     return plan
 
 

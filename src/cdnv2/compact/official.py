@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import CheckpointError
 from ..layers import CondensingConv1x1, SparseFeatureReactivation
 from ..models import create_model
@@ -44,8 +45,6 @@ __all__ = [
 ]
 
 OFFICIAL_VARIANTS = ("cdnv2_a", "cdnv2_b", "cdnv2_c")
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def pick_state_dict(obj: Any, where: str, use_ema: bool) -> dict[str, torch.Tensor]:

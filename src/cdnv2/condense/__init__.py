@@ -9,6 +9,7 @@ from .schedule import (
     condense_fully,
     condensing_layers,
     fire_steps,
+    fractions_ok,
     layer_kind,
     step_fractions,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "condense_fully",
     "condensing_layers",
     "fire_steps",
+    "fractions_ok",
     "layer_kind",
     "step_fractions",
 ]

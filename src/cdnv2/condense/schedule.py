@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -75,11 +75,18 @@ def step_fractions(num_steps: int, end_fraction: float, explicit: Optional[list[
     else:
         end = Fraction(str(end_fraction))
         fractions = [end * s / num_steps for s in range(1, num_steps + 1)]
-    if any(not 0 < f <= 1 for f in fractions) or fractions != sorted(fractions):
+    if not fractions_ok(fractions):
         raise ScheduleError(
-            f"condensation fractions must increase within (0, 1]; got {[float(f) for f in fractions]}"
+            f"condensation fractions must increase strictly within (0, 1); got {[float(f) for f in fractions]}"
         )
     return fractions
+
+
+def fractions_ok(fractions: Sequence) -> bool:
+    """The one rule for a layer's condensation fractions (explicit, or spread evenly up to
+    ``end_fraction``): each in (0, 1), strictly increasing. Pruning at the very end (1) would
+    leave the pruned model untrained, and two steps at one time are one bigger step."""
+    return all(0 < f < 1 for f in fractions) and all(a < b for a, b in zip(fractions, fractions[1:]))
 
 
 def fire_steps(num_steps: int, total_steps: int, end_fraction: float = 0.5,

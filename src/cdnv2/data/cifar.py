@@ -4,18 +4,22 @@ The pickles are read directly rather than through ``torchvision.datasets.CIFAR10
 answers any missing or altered file with "Dataset not found or corrupted" and checks
 MD5s; here a missing dataset says where it looked and how to get it. Downloading still
 goes through torchvision (``data.download=true``).
+
+The batches are parsed as plain data (:mod:`cdnv2.safe_pickle`), never with ``pickle.load``:
+a folder whose pickles name anything but dicts, lists, strings, ints and numpy arrays
+is refused before that code could run.
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .config import DataError
+from ..safe_pickle import ForbiddenGlobal, load_plain_data
 
 _CIFAR = {
     "cifar10": dict(
@@ -55,15 +59,37 @@ class InMemoryImages(torch.utils.data.Dataset):
         return img, int(self.targets[index])
 
 
-def _read_pickle(path: Path) -> dict:
+def _read_pickle(path: Path, title: str, url: str) -> dict:
+    """One CIFAR file as a dict, parsed without running code (:mod:`cdnv2.safe_pickle`)."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            obj = load_plain_data(f)
+    except ForbiddenGlobal as e:
+        raise DataError(
+            f"{path} is not a {title} file: unpickling it would call {e.name}, and data files are "
+            "parsed as plain data (dicts, lists, strings, numbers, numpy arrays), never run. Do not "
+            f"use this folder; delete it and extract {url} again."
+        ) from None
     except Exception as e:
         raise DataError(
             f"Cannot read {path} ({type(e).__name__}: {e}). The file is truncated or not a CIFAR "
             "batch: delete the folder and extract the archive again, or set data.download=true."
         ) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} is not a {title} file: it holds a {type(obj).__name__}, not a dict.")
+    return {_text(k): v for k, v in obj.items()}
+
+
+def _text(value: Any) -> Any:
+    """Python 2 strings re-pickled by Python 3 as bytes (``encoding="bytes"``) read as str."""
+    return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+def _field(obj: dict, key: str, path: Path, title: str) -> Any:
+    if key not in obj:
+        keys = ", ".join(sorted(map(str, obj))[:8]) or "none"
+        raise DataError(f"{path} is not a {title} file: it has no {key!r} entry (its keys: {keys}).")
+    return obj[key]
 
 
 def _download(name: str, root: Path) -> None:
@@ -101,18 +127,28 @@ def build_cifar_datasets(name: str, root: Optional[str], download: bool) -> tupl
             f"{which}. Set data.download=true to fetch it (needs internet), or "
             f"download {spec['url']} and extract it into {base}."
         )
-    classes = list(_read_pickle(folder / spec["meta"])[spec["names"]])
+    title, url = spec["title"], spec["url"]
+    meta = folder / spec["meta"]
+    classes = _field(_read_pickle(meta, title, url), spec["names"], meta, title)
+    classes = [_text(c) for c in classes] if isinstance(classes, list) else classes
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{meta} is not a {title} file: {spec['names']!r} is not a list of class names.")
 
     def read(parts: list[str], split: str) -> InMemoryImages:
         images, labels = [], []
         for part in parts:
-            batch = _read_pickle(folder / part)
+            path = folder / part
+            batch = _read_pickle(path, title, url)
+            data, part_labels = _field(batch, "data", path, title), _field(batch, spec["labels"], path, title)
             try:
-                images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                labels += list(batch[spec["labels"]])
-            except (KeyError, ValueError) as e:
-                raise DataError(f"{folder / part} is not a {spec['title']} batch ({type(e).__name__}: {e}).") from None
+                images.append(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(part_labels, dtype=np.int64).reshape(-1))
+            except (TypeError, ValueError, OverflowError) as e:
+                raise DataError(f"{path} is not a {title} batch ({type(e).__name__}: {e}).") from None
+            if len(labels[-1]) != len(images[-1]):
+                raise DataError(f"{path} is not a {title} batch: {len(images[-1])} images but "
+                                f"{len(labels[-1])} labels.")
         data = np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1))  # NHWC for PIL
-        return InMemoryImages(data, labels, f"{name}/{split}")
+        return InMemoryImages(data, np.concatenate(labels), f"{name}/{split}")
 
     return read(spec["train"], "train"), read(spec["test"], "test"), classes

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -11,6 +12,8 @@ from ..errors import DataError  # noqa: F401  (re-exported: cdnv2.data.DataError
 DATASETS = ("shapes", "cifar10", "cifar100", "imagenet", "imagefolder")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 ON_CORRUPT = ("raise", "skip")
+MAX_IMAGE_SIZE = 4096  # pixels per side; CondenseNetV2's recipes use 32 to 320
+MIN_SHAPES_SIZE = 8  # the generated shapes need a few pixels to be told apart
 AUTO_AUGMENTS = ("randaugment", "trivialaugment", "autoaugment", "augmix", "none")
 
 
@@ -69,6 +72,7 @@ def check_data_config(cfg: DataConfig, world_size: int = 1) -> None:
             f"data.num_workers={cfg.num_workers}, data.image_size={cfg.image_size} and "
             f"data.crop_padding={cfg.crop_padding} must not be negative (image_size >= 1); set them accordingly."
         )
+    _check_sizes(cfg, world_size)
     if cfg.eval_resize is not None and cfg.eval_resize < cfg.image_size:
         # The centre crop would be larger than the resized image and pad it with black.
         raise DataError(
@@ -88,6 +92,53 @@ def check_data_config(cfg: DataConfig, world_size: int = 1) -> None:
     _check_randaugment(cfg)
     if cfg.name == "shapes" and (cfg.num_train < 1 or cfg.num_val < 1):
         raise DataError(f"data.num_train={cfg.num_train} and data.num_val={cfg.num_val} must be positive; set both >= 1.")
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _check_sizes(cfg: DataConfig, world_size: int) -> None:
+    """Sizes that would exhaust memory long before a useful error: refuse them up front."""
+    size = cfg.image_size
+    if size > MAX_IMAGE_SIZE or (cfg.eval_resize or 0) > MAX_IMAGE_SIZE:
+        raise DataError(
+            f"data.image_size={size} (data.eval_resize={cfg.eval_resize}) is larger than {MAX_IMAGE_SIZE} "
+            f"pixels per side, which no network here is built for (one {size}x{size} image alone is "
+            f"{_gib(3 * 4 * size * size)} as float32). Use e.g. data.image_size=224."
+        )
+    if cfg.name == "shapes" and size < MIN_SHAPES_SIZE:
+        raise DataError(
+            f"data.image_size={size} is too small for the generated shapes data: they need at least "
+            f"{MIN_SHAPES_SIZE}x{MIN_SHAPES_SIZE} pixels to be told apart. Use data.image_size >= "
+            f"{MIN_SHAPES_SIZE} (the default is 32)."
+        )
+    memory = memory_bytes()
+    if memory is None:
+        return
+    image = 3 * 4 * (cfg.eval_resize or size) ** 2  # one float32 image as the network sees it
+    for key, batch in (("batch_size", cfg.batch_size), ("eval_batch_size", cfg.eval_batch_size or cfg.batch_size)):
+        per_rank = -(-batch // world_size) * image
+        if per_rank > memory // 4:  # the network's activations take many times the input
+            raise DataError(
+                f"data.{key}={batch} at data.image_size={size} cannot fit in memory: one batch of "
+                f"images alone is {_gib(per_rank)} per process, and this machine has {_gib(memory)} "
+                f"(activations need many times that). Lower data.{key}."
+            )
+    if cfg.name == "shapes" and (cfg.num_train + cfg.num_val) * 3 * size * size > memory // 2:
+        raise DataError(
+            f"data.num_train={cfg.num_train} + data.num_val={cfg.num_val} generated {size}x{size} images "
+            f"are {_gib((cfg.num_train + cfg.num_val) * 3 * size * size)}, held in memory; this machine "
+            f"has {_gib(memory)}. Lower data.num_train / data.num_val or data.image_size."
+        )
 
 
 def _check_fractions(cfg: DataConfig) -> None:

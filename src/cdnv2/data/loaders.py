@@ -136,6 +136,8 @@ class CheckedLoader(DataLoader):
     def _stop_workers(self) -> None:
         # The epoch is abandoned with batches still in flight: stop persistent workers
         # now, rather than from a garbage collection at some later, arbitrary point.
+        # DataLoader has no public call for that: _shutdown_workers is what its iterator's
+        # own __del__ runs.
         iterator = getattr(self, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()

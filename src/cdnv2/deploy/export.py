@@ -1,4 +1,5 @@
-"""Export a compact model to TorchScript, ONNX and OpenVINO IR, and check each file.
+"""Export a compact model to TorchScript, ONNX, OpenVINO IR, AOTInductor and ExecuTorch,
+and check each file.
 
 TorchScript traces the compact model itself (its eager path is the fast one in
 PyTorch). ONNX and OpenVINO get the deployment form of :mod:`cdnv2.deploy.graph`: plain
@@ -7,10 +8,18 @@ layer for the target runtime, the SFR as a 1x1 conv + Add. It goes through the
 TorchScript-based ONNX exporter (it has no scatter to refuse, and it exports cdnv2_b in
 ~1 s against ~30 s for the dynamo exporter). A model without that form (a masked model
 before its last condensation step, a plain DenseNet) is exported as it is with the
-dynamo exporter. Every file is checked against the PyTorch model at batch 1, 3 and 32,
-and its batch axis must be symbolic whatever the example's batch size.
+dynamo exporter. AOTInductor (:mod:`cdnv2.deploy.aoti`) and ExecuTorch
+(:mod:`cdnv2.deploy.executorch`) compile the ``torch.export`` program of
+:mod:`cdnv2.deploy.program`. Every file is checked against the PyTorch model at batch
+1, 3 and 32 (ExecuTorch: its fixed batch of 1), and its batch axis must be symbolic
+whatever the example's batch size.
 
-The extra ``cdnv2[export]`` brings onnx, onnxscript, onnxruntime, openvino and nncf.
+Each file is written under a temporary name in its folder and renamed into place only
+after its check passes: a failed export or check leaves an earlier file of that name as
+it was.
+
+The extra ``cdnv2[export]`` brings onnx, onnxscript, onnxruntime, openvino and nncf;
+``cdnv2[mobile]`` brings executorch. AOTInductor needs only torch and a C++ compiler.
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ import importlib.util
 import io
 import json
 import logging
+import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -35,11 +45,13 @@ from .graph import PREACT_FORMS, RUNTIMES, DeployError, build_deploy_model
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("none", "torchscript", "onnx", "openvino", "all")
-PACKAGES = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}
+FORMATS = ("none", "torchscript", "onnx", "openvino", "aoti", "executorch", "all")
+ALL_FORMATS = ["torchscript", "onnx", "openvino"]  # export=all: the quick ones (aoti compiles for minutes)
+PACKAGES = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino"), "executorch": ("executorch",)}
 ONNX_PACKAGES = PACKAGES["onnx"]
 INSTALL_HINT = "pip install 'cdnv2[export]'"
-SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "openvino": ".xml"}
+EXTRA_HINTS = {"executorch": "pip install 'cdnv2[mobile]'"}
+SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "openvino": ".xml", "aoti": ".pt2", "executorch": ".pte"}
 CHECK_BATCHES = (1, 3, 32)
 
 
@@ -68,7 +80,7 @@ def formats_for(choice: str) -> list[str]:
         raise ExportError(f"export={choice!r}: use one of {', '.join(FORMATS)}")
     if choice == "none":
         return []
-    return ["torchscript", "onnx", "openvino"] if choice == "all" else [choice]
+    return list(ALL_FORMATS) if choice == "all" else [choice]
 
 
 def missing_packages(formats=("onnx",)) -> list[str]:
@@ -80,9 +92,11 @@ def require(formats=("onnx",)) -> None:
     """Raise before any work when an export format's packages are not installed."""
     missing = missing_packages(formats)
     if missing:
+        hints = dict.fromkeys(EXTRA_HINTS.get(f, INSTALL_HINT) for f in formats if f in PACKAGES
+                              and any(p in missing for p in PACKAGES[f]))
         raise ExportError(
             f"export to {', '.join(f for f in formats if f in PACKAGES)} needs {', '.join(missing)} "
-            f"(not installed): {INSTALL_HINT}"
+            f"(not installed): {' and '.join(hints)}"
         )
 
 
@@ -375,9 +389,12 @@ def sidecar(path: str | Path) -> Path:
     return Path(path).with_name(Path(path).name + ".json")
 
 
-def write_sidecar(path: Path, class_names, preprocess, meta: dict) -> Path:
+def write_sidecar(path: Path, class_names, preprocess, meta: dict, source: dict | None = None) -> Path:
+    """``source``: where the graph came from (model name and kwargs, data config, seed), so
+    ``cdnv2-eval`` can evaluate the file on the run's data."""
     side = sidecar(path)
-    side.write_text(json.dumps({"class_names": class_names, "preprocess": preprocess, "metadata": meta}, indent=1))
+    side.write_text(json.dumps({"class_names": class_names, "preprocess": preprocess, "metadata": meta,
+                                **({"source": source} if source else {})}, indent=1))
     return side
 
 
@@ -397,28 +414,93 @@ def check_openvino(path: str | Path, model: nn.Module, inputs: list[torch.Tensor
     return check
 
 
+# ----------------------------------------------------------------------------- AOTInductor, ExecuTorch
+def check_aoti(path: str | Path, model: nn.Module, inputs: list[torch.Tensor]) -> ExportCheck:
+    from .aoti import aoti_metadata, load_aoti
+
+    path = Path(path)
+    run = load_aoti(path)
+    with torch.no_grad():
+        check = _compare("aoti", path, model, inputs, run)
+    check.metadata = {k: v for k, v in aoti_metadata(path).items() if k.startswith("cdnv2.deploy.")}
+    return check
+
+
+def check_executorch(path: str | Path, model: nn.Module, inputs: list[torch.Tensor], batch: int = 1) -> ExportCheck:
+    """The ``.pte`` in ExecuTorch's runtime on the inputs of its fixed batch size."""
+    from .executorch import executorch_session
+
+    path = Path(path)
+    return _compare("executorch", path, model, [x for x in inputs if x.shape[0] == batch], executorch_session(path))
+
+
 # ----------------------------------------------------------------------------- all
 def export_and_check(
     model: nn.Module, formats: list[str], stem: str | Path, input_size: tuple[int, int, int], *,
-    class_names: list[str] | None = None, preprocess: dict | None = None,
+    class_names: list[str] | None = None, preprocess: dict | None = None, source: dict | None = None,
 ) -> list[ExportCheck]:
-    """Write ``<stem>.torchscript.pt`` / ``<stem>.onnx`` / ``<stem>.xml`` and check each against ``model``."""
+    """Write ``<stem>.torchscript.pt`` / ``.onnx`` / ``.xml`` / ``.pt2`` / ``.pte``, each checked
+    against ``model`` before it replaces a file of that name. ``source`` goes into the
+    ``.pt2`` file's sidecar (see :func:`write_sidecar`)."""
     require([f for f in formats if f in PACKAGES])  # fail before spending time on any file
+    unknown = [f for f in formats if f not in SUFFIXES]
+    if unknown:
+        raise ExportError(f"unknown export format {unknown[0]!r}: use one of {', '.join(SUFFIXES)}")
     stem = Path(stem)
-    example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(1))
     inputs = check_inputs(input_size)
-    checks = []
-    for fmt in formats:
-        path = stem.with_name(stem.name + SUFFIXES.get(fmt, ""))
-        if fmt == "torchscript":
-            checks.append(check_torchscript(export_torchscript(model, example, path), model, inputs))
-        elif fmt == "onnx":
-            export_onnx(model, example, path)
-            write_sidecar(path, class_names, preprocess, onnx_metadata(path))
-            checks.append(check_onnx(path, model, inputs))
-        elif fmt == "openvino":
-            export_openvino(model, example, path, class_names=class_names, preprocess=preprocess)
-            checks.append(check_openvino(path, model, inputs))
-        else:
-            raise ExportError(f"unknown export format {fmt!r}")
-    return checks
+    return [export_one(fmt, model, stem.with_name(stem.name + SUFFIXES[fmt]), input_size, inputs,
+                       class_names=class_names, preprocess=preprocess, source=source) for fmt in formats]
+
+
+def export_one(fmt: str, model: nn.Module, path: Path, input_size: tuple[int, int, int], inputs: list[torch.Tensor],
+               *, class_names=None, preprocess=None, source: dict | None = None) -> ExportCheck:
+    """Export ``fmt`` under a temporary name beside ``path``, check it, then rename it into place.
+
+    A failed check leaves ``path`` (and its companions) as they were and returns the
+    check with ``ok=False``; an exception leaves no temporary file behind.
+    """
+    temp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    try:
+        check = _write_and_check(fmt, model, temp, input_size, inputs, class_names, preprocess, source)
+        check.path = str(path)
+        if check.ok:
+            for src, dst in zip(_files(fmt, temp), _files(fmt, path)):
+                if src.exists():
+                    os.replace(src, dst)
+        return check
+    finally:
+        for f in _files(fmt, temp):
+            f.unlink(missing_ok=True)
+
+
+def _files(fmt: str, path: Path) -> list[Path]:
+    """A format's files, companions first and the main file last (renamed last)."""
+    companions = [path.with_suffix(".bin")] if fmt == "openvino" else []
+    return companions + [sidecar(path), path]
+
+
+def _write_and_check(fmt, model, path, input_size, inputs, class_names, preprocess, source) -> ExportCheck:
+    example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(1))
+    if fmt == "torchscript":
+        return check_torchscript(export_torchscript(model, example, path), model, inputs)
+    if fmt == "onnx":
+        export_onnx(model, example, path)
+        write_sidecar(path, class_names, preprocess, onnx_metadata(path))
+        return check_onnx(path, model, inputs)
+    if fmt == "openvino":
+        export_openvino(model, example, path, class_names=class_names, preprocess=preprocess)
+        return check_openvino(path, model, inputs)
+    if fmt == "aoti":
+        from .aoti import export_aoti
+
+        export_aoti(model, example, path, class_names=class_names, preprocess=preprocess)
+        check = check_aoti(path, model, inputs)
+        write_sidecar(path, class_names, preprocess, check.metadata, source)
+        return check
+    from .executorch import export_executorch
+
+    _, meta = export_executorch(model, example[:1], path)
+    write_sidecar(path, class_names, preprocess, meta)
+    check = check_executorch(path, model, inputs)
+    check.metadata = meta
+    return check

@@ -31,34 +31,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.conv_unit import bn_affine as layers_bn_affine
+from ..compact.fold import NotFoldable, act_kind, fold_bn, fold_layer, is_compact_dense_layer
+from ..errors import UserError
 
 LGC_FORMS = ("dense", "grouped")
 CONV3_FORMS = ("grouped", "dense")
 RUNTIMES = ("onnxruntime", "openvino")
 
 
-class DeployError(ValueError):
+class DeployError(UserError, ValueError):
     """The model has no deployment form (not a condensed CondenseNet structure)."""
 
 
 # ----------------------------------------------------------------------------- folds
-def bn_affine(bn: nn.Module, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BN as float64 (scale, shift); Identity as (1, 0)."""
-    folded = layers_bn_affine(bn, channels)
-    if folded is None:
-        raise DeployError(f"{type(bn).__name__} is not an eval-mode BatchNorm with running statistics")
-    return folded
+def required_bn_affine(bn: nn.Module, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as float64 (scale, shift); Identity as (1, 0); :class:`DeployError` otherwise."""
+    try:
+        return fold_bn(bn, channels)
+    except NotFoldable as e:
+        raise DeployError(str(e)) from None
 
 
 def act_name(act: nn.Module) -> str:
-    if isinstance(act, nn.ReLU):
-        return "relu"
-    if isinstance(act, nn.Hardswish):
-        return "hswish"
-    if isinstance(act, nn.Identity):
-        return "identity"
-    raise DeployError(f"activation {type(act).__name__} has no deployment form")
+    """The activation's name in the deployment graph (:func:`~cdnv2.compact.fold.act_kind`)."""
+    kind = act_kind(act)
+    if kind == "module":
+        raise DeployError(f"activation {type(act).__name__} has no deployment form")
+    return kind
 
 
 def apply_act(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -89,10 +88,9 @@ class PreAct(nn.Module):
         super().__init__()
         if form not in PREACT_FORMS:
             raise DeployError(f"pre-activation form {form!r}: use one of {', '.join(PREACT_FORMS)}")
-        affine = bn_affine(bn, getattr(bn, "num_features", 0))
-        if affine is None or isinstance(bn, nn.Identity):
-            raise DeployError(f"{type(bn).__name__} is not an eval-mode BatchNorm with running statistics")
-        scale, shift = affine
+        if isinstance(bn, nn.Identity):
+            raise DeployError("a pre-activation needs an eval-mode BatchNorm with running statistics, not Identity")
+        scale, shift = required_bn_affine(bn, getattr(bn, "num_features", 0))
         n = channels or bn.num_features
         if index is not None:
             scale = scale.new_ones(n).index_copy(0, index, scale)
@@ -153,35 +151,28 @@ class DeployDenseLayer(nn.Module):
     def __init__(self, layer: nn.Module, form: str, preact: str = "bn"):
         super().__init__()
         lgc_form, conv3_form = parse_form(form)
-        lgc, unit, se, sfr = layer.conv_1, layer.conv_2, layer.se, layer.sfr
+        try:
+            f = fold_layer(layer)
+        except NotFoldable as e:
+            raise DeployError(str(e)) from None
+        lgc = layer.conv_1
         self.form = f"{lgc_form}/{conv3_form}"
-        g, o, c = lgc.groups, lgc.out_channels, lgc.in_channels
-        n, m = o // g, lgc.selected // g
-        idx = lgc.index.long()
-        s2, t2 = bn_affine(unit.norm, o)
-        self.act2 = act_name(unit.act)
-        w = lgc.conv.weight.double().reshape(g, n, m)  # [g, d] = output d*G+g
+        g, o, c = f.groups, f.out_channels, f.in_channels
+        self.act2 = act_name(layer.conv_2.act)
         if lgc_form == "dense":
-            s1, t1 = bn_affine(lgc.norm, lgc.selected)
-            s_full, t_full = s1.new_zeros(c).index_copy(0, idx, s1), t1.new_zeros(c).index_copy(0, idx, t1)
-            if not (torch.equal(s_full[idx], s1) and torch.equal(t_full[idx], t1)):
+            if f.dense_pre() is None:
                 raise DeployError("dense LGC form: copies of an input channel carry different BN statistics")
-            wd = w.new_zeros(n, g, c)
-            for gi in range(g):
-                wd[:, gi].index_add_(1, idx[gi * m:(gi + 1) * m], w[gi])
-            self.pre = PreAct(lgc.norm, act_name(lgc.act), idx, c, form=preact)
-            self.conv1 = _conv((s2[:, None] * wd.reshape(o, c))[:, :, None, None], t2, 1)  # rows d*G+g
+            self.pre = PreAct(lgc.norm, act_name(lgc.act), f.index, c, form=preact)
+            self.conv1 = _conv(f.dense_weight()[:, :, None, None], f.dense_bias(), 1)  # rows d*G+g
             self.register_buffer("index", None)
             self.register_buffer("shuffle", None)
         else:
-            self.register_buffer("index", idx.clone())
+            self.register_buffer("index", f.index.clone())
             self.pre = PreAct(lgc.norm, act_name(lgc.act), form=preact)
-            perm = torch.arange(o).view(n, g).t().reshape(-1)  # grouped position -> interleaved channel
-            self.conv1 = _conv((s2[perm].view(g, n, 1) * w).reshape(o, m, 1, 1), t2[perm], g)
+            self.conv1 = _conv(f.weight.reshape(o, -1, 1, 1), f.bias.reshape(-1), g)
+            perm = torch.arange(o).view(o // g, g).t().reshape(-1)  # grouped position -> interleaved channel
             self.register_buffer("shuffle", torch.argsort(perm))  # interleaved channel -> grouped position
-        conv3 = unit.conv
-        if conv3.stride != (1, 1) or conv3.dilation != (1, 1):
-            raise DeployError("the 3x3 unit must have stride 1 and no dilation")
+        conv3 = f.conv3
         w3 = conv3.weight.double()
         g3 = conv3.groups
         if conv3_form == "dense" and g3 > 1:
@@ -191,11 +182,11 @@ class DeployDenseLayer(nn.Module):
                 dense[gi * k3:(gi + 1) * k3, gi * i3:(gi + 1) * i3] = w3[gi * k3:(gi + 1) * k3]
             w3, g3 = dense, 1
         self.conv3 = _conv(w3, None if conv3.bias is None else conv3.bias.double(), g3, conv3.padding[0])
-        self.se = _deploy_se(se)
+        self.se = _deploy_se(f.se)
         self.sfr_pre = self.sfr_conv = None
-        if sfr is not None:
-            self.sfr_pre = PreAct(sfr.norm, act_name(sfr.act), form=preact)
-            self.sfr_conv = _conv(sfr.dense_weight().double()[:, :, None, None], None, 1)
+        if f.sfr is not None:
+            self.sfr_pre = PreAct(layer.sfr.norm, act_name(layer.sfr.act), form=preact)
+            self.sfr_conv = _conv(f.sfr.dense_weight[:, :, None, None], None, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = x if self.index is None else x.index_select(1, self.index)
@@ -250,12 +241,6 @@ def _dense_linear(classifier: nn.Module) -> nn.Linear:
 
 
 # ----------------------------------------------------------------------------- model
-def _is_compact_layer(m: nn.Module) -> bool:
-    lgc = getattr(m, "conv_1", None)
-    return (all(hasattr(m, a) for a in ("conv_1", "conv_2", "se", "sfr"))
-            and all(hasattr(lgc, a) for a in ("index", "selected", "groups", "norm", "conv")))
-
-
 class DeployModel(nn.Module):
     """A compact CondenseNet(V2) as plain ops (stem conv, deploy layers, pools, head).
 
@@ -272,7 +257,7 @@ class DeployModel(nn.Module):
         if not isinstance(features, nn.Sequential):
             raise DeployError(f"{type(model).__name__} has no `features` sequence of dense blocks")
         self.runtime = runtime
-        layers = [m for m in features.modules() if _is_compact_layer(m)]
+        layers = [m for m in features.modules() if is_compact_dense_layer(m)]
         if not layers:
             raise DeployError(f"{type(model).__name__} has no compact dense layers (convert it first)")
         if isinstance(forms, str):
@@ -289,9 +274,9 @@ class DeployModel(nn.Module):
         self.features = nn.Sequential()
         pending_bn = None
         for name, child in features.named_children():
-            if isinstance(child, nn.Sequential) and all(_is_compact_layer(m) for m in child):
+            if isinstance(child, nn.Sequential) and all(is_compact_dense_layer(m) for m in child):
                 child = nn.Sequential(*(DeployDenseLayer(layer, next(it), preact) for layer in child))
-            elif _is_compact_layer(child):
+            elif is_compact_dense_layer(child):
                 child = DeployDenseLayer(child, next(it), preact)
             elif isinstance(child, nn.modules.batchnorm._BatchNorm):
                 pending_bn = child
@@ -340,14 +325,14 @@ class DeployModel(nn.Module):
 
 
 def compact_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if _is_compact_layer(m)]
+    return [m for m in model.modules() if is_compact_dense_layer(m)]
 
 
 def layer_input_sizes(features: nn.Module, input_size) -> list[tuple[int, int]]:
     """(H, W) of each compact dense layer's input, from one forward with hooks."""
     pixels: list[tuple[int, int]] = []
     hooks = [m.register_forward_pre_hook(lambda _m, args: pixels.append(tuple(args[0].shape[2:])))
-             for m in features.modules() if _is_compact_layer(m)]
+             for m in features.modules() if is_compact_dense_layer(m)]
     try:
         with torch.enable_grad():  # the plain module path; the fused one skips hooks anyway
             features.eval()(torch.zeros(1, *input_size))
@@ -360,7 +345,7 @@ def layer_input_sizes(features: nn.Module, input_size) -> list[tuple[int, int]]:
 def build_deploy_model(model: nn.Module, runtime: str = "openvino", forms=None,
                        input_size: tuple[int, int, int] = (3, 224, 224), preact: str | None = None) -> DeployModel:
     """The deployment form of a compact (or fully condensed masked) model, for ``runtime``."""
-    if not any(_is_compact_layer(m) for m in model.modules()):
+    if not any(is_compact_dense_layer(m) for m in model.modules()):
         from ..compact import check_fully_condensed, convert_model
 
         try:

@@ -92,8 +92,9 @@ def quantize_openvino_file(src: str | Path, dst: str | Path, calib: list[np.ndar
     import openvino as ov
 
     from .graph import DeployError
+    from .runtime import openvino_core
 
-    model = ov.Core().read_model(str(src))
+    model = openvino_core().read_model(str(src))
     if _per_channel_affines(model):
         raise DeployError(
             f"{src} holds its pre-activation BNs as depthwise 1x1 convolutions (the fp32 OpenVINO form); "

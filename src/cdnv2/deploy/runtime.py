@@ -8,6 +8,7 @@ slow whatever runs next in the process (another model timed round-robin, say).
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +40,23 @@ def ort_session(path: str | Path, threads: int | None = None, profile: str | Non
     return run
 
 
+@functools.lru_cache(maxsize=None)
+def openvino_core():
+    """The process's one ``openvino.Core``: every OpenVINO call here goes through it.
+
+    Why one: each Core's CPU plugin installs an alternate signal stack for the thread that
+    compiles and, when freed, puts back the stack it found. Two Cores freed in the order they
+    were made (A, B; A freed, then B) leave the thread's alternate stack pointing at A's
+    freed memory, and the next Python signal handler run on that thread (CPython installs
+    them with SA_ONSTACK; a DataLoader's SIGCHLD handler when its workers exit) kills the
+    process with SIGSEGV. A Core that lives as long as the process never frees its stack.
+    docs/deploy.md has the reproduction (OpenVINO 2026.4).
+    """
+    import openvino as ov
+
+    return ov.Core()
+
+
 def openvino_session(path: str | Path, threads: int | None = None, perf_counts: bool = False,
                      precision: str | None = "f32") -> Callable:
     """``run(images) -> logits`` for an OpenVINO IR (.xml) or ONNX file on OpenVINO's CPU plugin.
@@ -49,8 +67,6 @@ def openvino_session(path: str | Path, threads: int | None = None, perf_counts: 
     not be fp32. ``"bf16"`` (or None: the plugin's default) is the faster deployment choice
     on such CPUs.
     """
-    import openvino as ov
-
     config = {"PERFORMANCE_HINT": "LATENCY"}
     if precision:
         config["INFERENCE_PRECISION_HINT"] = precision
@@ -58,7 +74,7 @@ def openvino_session(path: str | Path, threads: int | None = None, perf_counts: 
         config["INFERENCE_NUM_THREADS"] = threads
     if perf_counts:
         config["PERF_COUNT"] = True
-    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    compiled = openvino_core().compile_model(str(path), "CPU", config)
     request = compiled.create_infer_request()
 
     def run(x: np.ndarray) -> np.ndarray:

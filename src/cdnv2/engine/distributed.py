@@ -1,11 +1,25 @@
-"""torchrun integration: rank discovery, process group, reductions."""
+"""torchrun integration: rank discovery, process group, reductions.
+
+Rank and world size come from torchrun's complete environment (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) or not at all. Under Slurm the
+cluster launcher (``hydra/launcher=slurm``) exports the same variables for each task;
+a plain ``srun`` should start ``torchrun`` on each node. A partial set (``RANK`` without
+``WORLD_SIZE``, or the reverse) is a :class:`~cdnv2.errors.ConfigError`: guessing would
+let a process that is not rank 0 act as the main one, or one that is skip the run lock.
+"""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
+
+from ..errors import ConfigError
+
+RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+GROUP_VARS = ("MASTER_ADDR", "MASTER_PORT")  # where the ranks meet (world size > 1)
 
 
 @dataclass(frozen=True)
@@ -23,12 +37,48 @@ class DistInfo:
         return self.world_size > 1
 
 
+def distributed_env(environ: Mapping[str, str] = os.environ) -> DistInfo:
+    """This process's rank and world size from torchrun's variables (all of them or none);
+    raise :class:`ConfigError` naming the variables of a partial or invalid set."""
+    given = {v: environ[v] for v in (*RANK_VARS, *GROUP_VARS) if environ.get(v, "").strip()}
+    if not any(v in given for v in RANK_VARS):
+        return DistInfo()  # not launched by torchrun (MASTER_ADDR/PORT alone decide nothing)
+    shown = " ".join(f"{k}={v}" for k, v in given.items())
+    values = {}
+    for v in RANK_VARS:
+        try:
+            values[v] = int(given[v]) if v in given else None
+        except ValueError:
+            raise ConfigError(f"{v}={given[v]!r} is not a whole number; unset the torchrun variables "
+                              f"({', '.join(RANK_VARS)}) or launch with torchrun.") from None
+    rank, world, local = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    needed = ["RANK", "WORLD_SIZE"] + (["LOCAL_RANK", *GROUP_VARS] if (world or 0) > 1 else [])
+    missing = [v for v in needed if v not in given]
+    if missing:
+        raise ConfigError(
+            f"incomplete distributed environment: {shown} is set but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not. "
+            "Rank and world size come from torchrun's complete set (RANK, WORLD_SIZE, LOCAL_RANK, "
+            "MASTER_ADDR, MASTER_PORT) or not at all: launch with torchrun (or hydra/launcher=slurm), "
+            f"or unset {', '.join(given)} for a single-process run."
+        )
+    port = given.get("MASTER_PORT", "0")
+    if world < 1 or not 0 <= rank < world or (local is not None and not 0 <= local < world) or (
+            not port.isdigit() or int(port) > 65535):
+        raise ConfigError(
+            f"inconsistent distributed environment: {shown}; RANK and LOCAL_RANK must be in "
+            "[0, WORLD_SIZE) and MASTER_PORT a port number. Launch with torchrun, or unset these "
+            "variables for a single-process run."
+        )
+    return DistInfo(rank, world, local or 0)
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group when launched by torchrun (NCCL on GPU, Gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    info = distributed_env()
+    if not info.enabled:
+        return info
+    world = info.world_size
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")

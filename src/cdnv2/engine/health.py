@@ -46,10 +46,6 @@ class StepHealth:
         self._losses.append(loss.float())
         return bad
 
-    @property
-    def pending(self) -> int:
-        return len(self._steps)
-
     def collect(self) -> HealthWindow:
         """Look at the recorded steps (one device-to-host copy) and forget them."""
         if not self._steps:

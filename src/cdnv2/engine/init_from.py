@@ -26,8 +26,8 @@ from torch import nn
 
 from ..checkpoint import open_checkpoint
 from ..errors import CheckpointError, ConfigError
+from ..compact.fold import masked_layer_state
 from ..layers import CondensingConv1x1
-from ..layers import CompactLGC, CompactLinear, CompactSFR, CompactTrainLGC
 from ..tables import format_table
 
 INIT_WEIGHTS = ("ema", "raw")
@@ -101,63 +101,6 @@ def _is_file(path: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- masked layout
-def _bn_state(norm: nn.BatchNorm2d, size: int, index: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """A BN state of ``size`` channels; with ``index``, ``norm`` holds only those channels
-    (the others are never read by the masked math: their weights are pruned)."""
-    if index is None:
-        return {k: v.clone() for k, v in norm.state_dict().items()}
-    like = norm.weight.detach()
-    out = {"weight": like.new_ones(size), "bias": like.new_zeros(size),
-           "running_mean": like.new_zeros(size), "running_var": like.new_ones(size)}
-    for k in out:
-        out[k][index] = getattr(norm, k).detach()
-    out["num_batches_tracked"] = norm.num_batches_tracked.clone()
-    return out
-
-
-def _lgc_masked(m: CompactLGC | CompactTrainLGC) -> dict[str, torch.Tensor]:
-    g, o, i = m.groups, m.out_channels, m.in_channels
-    idx = m.index_long.view(g, -1)  # group g reads inputs idx[g]
-    w = m.conv.weight.detach().reshape(g, o // g, -1)  # row g*O/G + d is output d*G + g
-    dense = w.new_zeros(o // g, g, i)
-    mask = w.new_zeros(o // g, g, i)
-    for grp in range(g):
-        dense[:, grp, idx[grp]] = w[grp]
-        mask[:, grp, idx[grp]] = 1.0
-    bn_index = idx.flatten() if isinstance(m, CompactLGC) else None
-    norm = _bn_state(m.norm, i, bn_index)
-    return {
-        **{f"norm.{k}": v for k, v in norm.items()},
-        "conv.weight": dense.reshape(o, i, 1, 1),
-        "mask": mask.reshape(o, i, 1, 1),
-        "stage": torch.tensor(m.condense_factor - 1),
-    }
-
-
-def _sfr_masked(m: CompactSFR) -> dict[str, torch.Tensor]:
-    g, k, c = m.groups, m.in_channels, m.out_channels
-    targets = m.index_long.view(g, -1)  # input group g writes channels targets[g]
-    mask = m.conv.weight.new_zeros(c, k)
-    for grp in range(g):
-        mask[targets[grp][:, None], torch.arange(grp, k, g)] = 1.0
-    return {
-        **{f"norm.{n}": v for n, v in _bn_state(m.norm, k, None).items()},
-        "conv.weight": m.dense_weight().detach().reshape(c, k, 1, 1),
-        "mask": mask.reshape(c, k, 1, 1),
-        "stage": torch.tensor(m.condense_factor - 1),
-    }
-
-
-def _linear_masked(m: CompactLinear) -> dict[str, torch.Tensor]:
-    idx = m.index_long
-    w = m.linear.weight.detach()
-    dense = w.new_zeros(m.out_features, m.in_features)
-    mask = torch.zeros_like(dense)
-    dense[:, idx], mask[:, idx] = w, 1.0
-    return {"conv.weight": dense[:, :, None, None], "conv.bias": m.linear.bias.detach().clone(),
-            "mask": mask[:, :, None, None], "stage": torch.tensor(m.condense_factor - 1)}
-
-
 def masked_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s state dict in the masked layout, whatever its structure.
 
@@ -166,13 +109,8 @@ def masked_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     state = dict(model.state_dict())
     for name, m in model.named_modules():
-        if isinstance(m, (CompactLGC, CompactTrainLGC)):
-            new = _lgc_masked(m)
-        elif isinstance(m, CompactSFR):
-            new = _sfr_masked(m)
-        elif isinstance(m, CompactLinear):
-            new = _linear_masked(m)
-        else:
+        new = masked_layer_state(m)  # the inverse fold (cdnv2.compact.fold)
+        if new is None:
             continue
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]

@@ -6,26 +6,24 @@ the same settings (its identity, :func:`cdnv2.engine.run_dir.run_identity`). Oth
 refuses with what differs and never overwrites an earlier run's outputs. The rules for
 the folder itself (lock, outputs, moving aside) are :mod:`cdnv2.engine.run_dir`'s.
 
-:func:`checkpoint_state` and :func:`restore` are the two directions of one mapping
-between a :class:`~cdnv2.engine.trainer.Trainer` and its checkpoint's keys; keep them
-side by side when a key is added.
+:func:`checkpoint_state` writes a trainer's :class:`~cdnv2.engine.state.TrainState` with
+the run's description (the keys and version are :mod:`cdnv2.checkpoint`'s ``TRAIN_*``);
+:func:`restore` puts the state back after the checks above.
 """
 from __future__ import annotations
 
-import random
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from .. import checkpoint as ckpt
-from ..compact import Structure, restructure_for_state_dict
+from ..compact import Structure
 from ..data import Data
 from ..errors import CheckpointError, RunDirError
 from . import run_dir as rundir
 from .config import TrainConfig, config_to_dict
+from .finalize import has_report
 from .logger import log
-from .optim import build_optimizer, load_optimizer_state
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -40,34 +38,19 @@ def run_identity(cfg: TrainConfig, data: Data) -> dict:
 
 
 def checkpoint_state(t: Trainer) -> dict:
-    """Everything a resume needs, as a plain dict (``kind="train"``)."""
-    return {
-        "format": ckpt.FORMAT,
-        "kind": "train",
-        "version": 1,
+    """Everything a resume needs, as a plain dict (``kind="train"``): the run's description
+    and the trainer's :class:`~cdnv2.engine.state.TrainState`."""
+    run = {
         "model_name": t.cfg.model.name,
-        "model_kwargs": t.model.arch_kwargs(),
-        "structure": t.structure.value,
-        "model_state": t.model.state_dict(),
-        "ema_state": t.ema.state_dict() if t.ema else None,
-        "ema_updates": t.ema.updates if t.ema else 0,
-        "optimizer": t.optimizer.state_dict(),
-        "scaler": t.scaler.state_dict() if t.scaler else None,
-        "step": t.step,
-        "epoch": t.epoch,
-        "batch_in_epoch": t.batch_in_epoch,
-        "total_steps": t.total_steps,
-        "best_top1": t.best_top1,
-        "bad_steps": t.bad_steps,
-        "train_seconds": t.train_seconds,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "model_kwargs": t.state.model.arch_kwargs(),
         "class_names": list(t.data.class_names),
         "preprocess": t.data.eval_preprocess,
         "data_name": t.cfg.data.name,
         "config": config_to_dict(t.cfg),
         "run_identity": t.identity,
-        "metrics": dict(t.last_eval),
+        "total_steps": t.total_steps,
     }
+    return ckpt.train_checkpoint(run, t.state.state_dict())
 
 
 def checkpoint_to_resume(resume: str, ckpt_dir: Path) -> tuple[dict, Path] | None:
@@ -135,6 +118,54 @@ def check_identity(state: dict, path: Path, identity: dict, run_dir: Path) -> No
         )
 
 
+def check_target_folder(run: rundir.RunDir, run_dir: Path, ckpt_dir: Path, identity: dict,
+                        total_steps: int) -> None:
+    """``resume=PATH`` writes into ``run_dir`` (rank 0): a run already there must be this one.
+
+    Its own checkpoint must have this identity and be unfinished; outputs without a
+    readable checkpoint are refused and logs alone moved aside, as for a new run.
+    """
+    own = ckpt.find_resume_checkpoint(ckpt_dir)
+    if own is None:
+        start_afresh(run, run_dir, ckpt_dir, replace=False)
+        return
+    state, path = own
+    check_identity(state, path, identity, run_dir)
+    if state.get("step", 0) >= total_steps and has_report(run_dir):
+        raise RunDirError(
+            f"{run_dir} holds a finished run (report.json, {path} at step {state.get('step')}); resuming "
+            "another checkpoint there would overwrite its outputs. Resume into a new run directory "
+            "with name=<new name> or hydra.run.dir=..."
+        )
+
+
+def run_finished(state: dict, path: Path, run_dir: Path, total_steps: int) -> bool:
+    """The run in ``run_dir`` is finished: nothing to train, its outputs stay as they are.
+
+    report.json is written last, so it says so also when ``last.pt`` is unreadable and
+    the checkpoint found is the older ``prev.pt``: training on from that would rotate the
+    unreadable ``last.pt`` over the good ``prev.pt`` and rewrite the outputs.
+    """
+    if not has_report(run_dir):
+        return False
+    if state["step"] >= total_steps:
+        return True
+    if path == run_dir / "checkpoints" / "prev.pt" and (run_dir / "checkpoints" / "last.pt").exists():
+        log.warning("%s is unreadable, but the run finished (report.json is written): its outputs "
+                    "are kept as they are", path.with_name("last.pt"))
+        return True
+    return False
+
+
+def keep_fallback(path: Path) -> None:
+    """Resuming from ``prev.pt`` because ``last.pt`` is unreadable (rank 0): rename that file
+    to ``last.pt.unreadable``, so the next save does not rotate it over the good ``prev.pt``."""
+    last = path.with_name("last.pt")
+    if path.name == "prev.pt" and last.exists():
+        os.replace(last, last.with_name("last.pt.unreadable"))
+        log.warning("kept the unreadable %s as last.pt.unreadable; %s stays the fallback", last, path)
+
+
 def start_afresh(run: rundir.RunDir, run_dir: Path, ckpt_dir: Path, *, replace: bool) -> None:
     """Before a new run (rank 0): never overwrite an earlier one's outputs or mix its logs."""
     outputs, logs = run.outputs(), run.logs()
@@ -156,36 +187,10 @@ def start_afresh(run: rundir.RunDir, run_dir: Path, ckpt_dir: Path, *, replace: 
 
 
 def restore(t: Trainer, state: dict, path: Path) -> None:
-    """Put a checkpoint's weights, optimizer, counters and RNG states into the trainer."""
-    if state["structure"] != Structure.MASKED:
-        restructure_for_state_dict(t.model, state["model_state"])
-        if t.ema is not None:
-            restructure_for_state_dict(t.ema.module, state["model_state"])
-        t.optimizer = build_optimizer(
-            t.model, t.cfg.optim, t.peak_lr, split_head=t.cfg.trainer.freeze_epochs > 0
-        )
-        t.structure = Structure(state["structure"])
-    t.model.load_state_dict(state["model_state"])
-    if t.ema is not None:
-        t.ema.load_state_dict(state["ema_state"] or state["model_state"])
-        t.ema.updates = state.get("ema_updates", 0)
-    load_optimizer_state(t.optimizer, state["optimizer"])
-    if t.scaler and state.get("scaler"):
-        t.scaler.load_state_dict(state["scaler"])
-    t.step, t.epoch = state["step"], state["epoch"]
-    t.batch_in_epoch = state["batch_in_epoch"]
-    t.best_top1, t.bad_steps = state["best_top1"], state["bad_steps"]
-    t.train_seconds = state["train_seconds"]
-    t.last_eval = dict(state.get("metrics") or {})
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(_as_random_state(state["rng"]["python"]))
-    if t.structure is Structure.MASKED:
-        t.condenser.verify(t.step)
-    elif t.step < t.condenser.final_step:
+    """Put a checkpoint's TrainState (weights, optimizer, counters, RNG states) into the trainer."""
+    ckpt.check_resumable(state, str(path))
+    t.state.load_state_dict(state, new_optimizer=t.new_optimizer)
+    if t.state.structure is Structure.MASKED:
+        t.condenser.verify(t.state.step)
+    elif t.state.step < t.condenser.final_step:
         raise CheckpointError(f"{path}: compact layers before the last condensation step")
-
-
-def _as_random_state(state):
-    # weights_only loading turns the inner tuple into a list; random.setstate wants tuples.
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)

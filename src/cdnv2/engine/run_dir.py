@@ -4,6 +4,10 @@
   process per folder; the OS drops it when the holder dies), clean-up of temporary
   files that a killed writer left behind (only safe under the lock), the list of
   outputs that must never be overwritten, and moving an old run aside.
+- The lock file also marks the folder as a cdnv2 run. :func:`check_run_folder` refuses
+  a folder that holds someone else's files (``hydra.run.dir=.`` in a project), and
+  moving aside moves only what runs write (:func:`is_run_entry`), never other files.
+  :func:`check_not_run_file` keeps other commands' ``out=`` off a run's own files.
 - :func:`run_identity` is the fingerprint a checkpoint records: every resolved config
   value that changes results plus the data's identity. :func:`identity_differences`
   compares two of them, ignoring :data:`RESUMABLE_KEYS`.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import logging
 import os
 import socket
@@ -19,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import remove_stale_temporaries
+from ..checkpoint import TMP_MARK, remove_stale_temporaries
 from ..errors import RunDirError
 
 log = logging.getLogger("cdnv2")
@@ -50,14 +55,27 @@ RESUMABLE_KEYS: tuple[str, ...] = (
 # to the same folder is the same data).
 _NOT_IDENTITY = ("resume", "name", "data.root")
 
-LOCK_NAME = ".cdnv2-run.lock"
+LOCK_NAME = ".cdnv2-run.lock"  # also the mark of a cdnv2 run folder
 # Files a run cannot recreate cheaply: overwriting them loses work.
 _OUTPUT_GLOBS = ("checkpoints/*.pt", "model_compact*", "report.json")
 # Logs of a run that wrote no checkpoint yet: kept (moved aside), never mixed.
 _LOG_NAMES = ("metrics.jsonl", "metrics.csv", "epochs.csv", "tb", "mlflow.db", "mlartifacts")
-# The launcher's files for the current run (Hydra's .hydra/): they stay when an old
-# run is moved aside.
-_LAUNCHER_NAMES = (".hydra",)
+# The current sweep job's record (cli/sweeps.py): it stays when an old run is moved aside.
+_LAUNCHER_NAMES = ("job.json",)
+# Everything cdnv2 writes at the top of a run folder: the run itself (its lock, the
+# launcher's .hydra/ and train.log, a sweep's job.json) and the commands that write
+# beside a run's files by default (eval.json, plots/, model_compact.* exports).
+_RUN_ENTRIES = (
+    LOCK_NAME, ".hydra", "train.log", "job.json", "job.json.tmp", "checkpoints", "metrics.jsonl",
+    "metrics.csv", "epochs.csv", "mlflow.db", "mlartifacts", "tb", "report.json", "model_compact*", "eval.json", "plots", f".*{TMP_MARK}*",
+    ".cdnv2-write-test-*",
+)
+# A run's own files (relative paths): only its cdnv2-train writes them.
+_RUN_OWN_FILES = (
+    "checkpoints", "checkpoints/last.pt", "checkpoints/prev.pt", "checkpoints/best.pt",
+    "checkpoints/condense-step*.pt", "report.json", "model_compact.pt", "metrics.jsonl", "metrics.csv", "epochs.csv", "mlflow.db", "mlartifacts",
+    "train.log", "job.json", LOCK_NAME, ".hydra", ".hydra/*", "tb", "tb/*",
+)
 
 _held: dict[Path, int] = {}  # run dirs this process holds (POSIX locks are per process)
 
@@ -145,20 +163,74 @@ def check_writable(folder: str | Path, what: str, hint: str) -> None:
         ) from None
 
 
+def is_run_entry(name: str) -> bool:
+    """A name cdnv2 writes at the top of a run folder (see :data:`_RUN_ENTRIES`)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in _RUN_ENTRIES)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """``folder`` holds a cdnv2 run: its mark (the lock file), a report or a checkpoint."""
+    return (folder / LOCK_NAME).exists() or (folder / "report.json").is_file() or (
+        folder / "checkpoints" / "last.pt").is_file()
+
+
+def check_run_folder(folder: str | Path) -> None:
+    """Raise :class:`RunDirError` when ``folder`` holds files that no cdnv2 run wrote.
+
+    A run owns its folder (it may move an earlier run aside), so it starts only in a
+    new or empty folder, or one marked as a run. Files added to a marked run folder
+    are left where they are.
+    """
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / LOCK_NAME).exists():
+        return
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if not is_run_entry(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise RunDirError(
+            f"{folder} is not a cdnv2 run directory: it holds files that no run wrote ({shown}). A run "
+            "owns its folder (it writes, replaces and moves aside its files there), so it starts only in a "
+            "new or empty folder: choose one with hydra.run.dir=... (or name=...). Nothing was written."
+        )
+
+
+def check_not_run_file(path: str | Path, option: str) -> None:
+    """Raise :class:`RunDirError` when writing ``path`` would replace a run's own file."""
+    target = Path(path).expanduser().resolve()
+    for folder in target.parents:
+        if not is_run_folder(folder):
+            continue
+        rel = target.relative_to(folder).as_posix()
+        if any(fnmatch.fnmatchcase(rel, pattern) for pattern in _RUN_OWN_FILES):
+            raise RunDirError(
+                f"{option}={path} would replace {rel} of the cdnv2 run in {folder}; a run's own files "
+                "(checkpoints/last.pt, prev.pt, best.pt, report.json, model_compact.pt, metrics.*, "
+                f".hydra/, tb/) are written only by its cdnv2-train. Choose another path with {option}=..."
+            )
+        return
+
+
 class RunDir:
     """A run directory held by this process: lock, stale temporaries, outputs, aside.
 
     Only the primary process (rank 0) locks and changes the folder; other ranks get an
-    unlocked view. Use as a context manager or call :meth:`close`.
+    unlocked view. Use as a context manager or call :meth:`close`. Leaving the context
+    with an error before :meth:`claim` (the run's checks failed, or its start-up did)
+    removes what this object created (the lock file, an empty ``checkpoints/``), so a
+    refused or failed start leaves the folder as it found it.
     """
 
     def __init__(self, path: str | Path, *, primary: bool = True):
         self.path = Path(path)
         self.primary = primary
+        self.claimed = False
         self._fd: int | None = None
+        self._created: list[Path] = []
         if primary:
             check_writable(self.path, "run directory", "choose a writable place with hydra.run.dir=... "
                            "(or name=...), or fix the folder's permissions")
+            check_run_folder(self.path)
+            self._created = [p for p in (self.path / LOCK_NAME, self.path / "checkpoints") if not p.exists()]
             self._lock()
             for stale in self._remove_stale_temporaries():
                 log.warning("removed stale temporary checkpoint file %s", stale)
@@ -173,36 +245,62 @@ class RunDir:
             )
         # POSIX record locks (lockf), not flock: forked loader workers do not inherit
         # them, so the lock goes with the process that took it, dead or alive.
-        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
+        while True:
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                self._refuse(fd, e)
+            # A failed start removes its lock file (see __exit__): a lock taken on a file
+            # that was removed meanwhile locks nothing, so take the new one.
+            if _same_file(fd, self.path / LOCK_NAME):
+                break
             os.close(fd)
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise RunDirError(f"cannot lock run directory {self.path}: {e.strerror or e}") from None
-            raise RunDirError(
-                f"run directory {self.path} is in use by another process ({holder}). One run per "
-                "folder: wait for that process to finish (or stop it: it resumes from its "
-                "checkpoint), or start a separate run with name=... or hydra.run.dir=..."
-            ) from None
         info = f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
         self._fd = fd
         _held[key] = fd
 
+    def _refuse(self, fd: int, e: OSError) -> None:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
+        os.close(fd)
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise RunDirError(f"cannot lock run directory {self.path}: {e.strerror or e}") from None
+        raise RunDirError(
+            f"run directory {self.path} is in use by another process ({holder}). One run per "
+            "folder: wait for that process to finish (or stop it: it resumes from its "
+            "checkpoint), or start a separate run with name=... or hydra.run.dir=..."
+        ) from None
+
     def close(self) -> None:
         if self._fd is not None:
             _held.pop(self.path.resolve(), None)
-            os.close(self._fd)  # releases the lock; the file stays (removing it would race)
+            os.close(self._fd)  # releases the lock; the file stays: it marks the folder as a run
             self._fd = None
 
     def __enter__(self) -> "RunDir":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def claim(self) -> None:
+        """The run's checks passed and it writes here: keep the folder on a later error."""
+        self.claimed = True
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and not self.claimed and self._fd is not None:
+            self._discard()
         self.close()
+
+    def _discard(self) -> None:
+        """Remove what this object created (under the lock, so no other run sees it go)."""
+        for path in reversed(self._created):
+            try:
+                if path.is_dir():
+                    path.rmdir()  # only when empty
+                else:
+                    path.unlink()
+            except OSError:
+                pass
 
     def _remove_stale_temporaries(self) -> list[Path]:
         # Under the lock no other writer exists, so every temporary file is a dead one's.
@@ -220,8 +318,9 @@ class RunDir:
     def move_aside(self) -> Path:
         """Move everything of the old run into ``<run>.old-N/`` (first free N).
 
-        The lock and the launcher's files for this run stay; log files this process
-        has open in the folder follow to fresh files at their old paths.
+        Only what runs write moves (:func:`is_run_entry`); other files, the lock and
+        the current sweep job's record stay. Log files this process has open in the
+        folder follow to fresh files at their old paths.
         """
         n = 1
         while True:
@@ -232,11 +331,16 @@ class RunDir:
             except FileExistsError:
                 n += 1
         keep = {LOCK_NAME, *_LAUNCHER_NAMES}
-        moved = []
+        left = []
         for entry in sorted(self.path.iterdir()):
-            if entry.name not in keep:
+            if entry.name in keep:
+                continue
+            if is_run_entry(entry.name):
                 os.rename(entry, aside / entry.name)
-                moved.append(entry.name)
+            else:
+                left.append(entry.name)
+        if left:
+            log.warning("left in %s what no run wrote: %s", self.path, ", ".join(left[:8]))
         _reopen_file_logs(self.path)
         return aside
 
@@ -247,13 +351,17 @@ def _reopen_file_logs(folder: Path) -> None:
     for logger in [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]:
         for handler in getattr(logger, "handlers", []):
             if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder:
-                handler.acquire()
-                try:
-                    if handler.stream is not None:
-                        handler.stream.close()
-                    handler.stream = handler._open()
-                finally:
-                    handler.release()
+                stream = open(handler.baseFilename, handler.mode, encoding=handler.encoding, errors=handler.errors)
+                old = handler.setStream(stream)  # flushes the old stream under the handler's lock
+                if old is not None:
+                    old.close()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def is_primary_process() -> bool:

@@ -30,11 +30,14 @@ from typing import Any, Optional
 import torch
 
 from ..errors import ConfigError
+from .config import AMP_MODES
 
 log = logging.getLogger("cdnv2")
 
 MODES = ("auto", "true", "false")
 CUBLAS_WORKSPACE = ":4096:8"  # PyTorch's reproducibility notes: needed for deterministic cuBLAS
+# trainer.amp / cdnv2-eval amp=: the autocast dtype of each mode (None: full precision)
+AUTOCAST_DTYPES = dict(zip(AMP_MODES, (None, torch.bfloat16, torch.float16)))
 
 
 def resolve_device(name: str, local_rank: int = 0, key: str = "device") -> torch.device:

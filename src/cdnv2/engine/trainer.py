@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import signals as stop_signals
-from ..compact import Structure, to_compact_training
+from ..compact import Structure
 from ..condense import Condenser, ModelEMA, condensing_layers, layer_kind
 from ..data import build_data, mixup_cutmix
 from ..errors import ConfigError, LoaderWorkerDied, NonFiniteLossError, TrainingInterrupted
@@ -31,12 +31,12 @@ from . import run_dir as rundir
 from .accumulate import accumulate_backward, check_accum
 from .bn_recal import recalibrate_after_condense
 from .callbacks import Callback
-from .config import AMP_MODES, TrainConfig, config_to_dict
+from .config import TrainConfig, config_to_dict
 from .distill import distill_loss, load_teacher, teacher_logits
-from .distributed import all_reduce_sum, any_rank_each, barrier, cleanup, init_distributed
+from .distributed import all_reduce_sum, any_rank_each, barrier, cleanup, distributed_env, init_distributed
 from .epoch_log import EpochLog
 from .finalize import (
-    convert_and_eval, has_report, masked_report, masks_identical, read_report, summary_table, write_report,
+    convert_and_eval, masked_report, masks_identical, read_report, summary_table, write_report,
 )
 from .health import HealthWindow, StepHealth
 from .hparams import log_tensorboard_hparams
@@ -45,16 +45,17 @@ from .logger import MetricLogger, Progress, log
 from .mlflow_logger import MlflowLogger, WithMlflow
 from .optim import build_optimizer, lr_at, prime_momentum, resolve_lr, set_lr, step_unless
 from .resume import (
-    check_compatible, check_identity, checkpoint_state, checkpoint_to_resume, restore, run_identity, start_afresh,
+    check_compatible, check_identity, check_target_folder, checkpoint_state, checkpoint_to_resume, keep_fallback,
+    restore, run_finished, run_identity, start_afresh,
 )
-from .runtime import resolve_compact_training, resolve_device
+from .runtime import AUTOCAST_DTYPES, resolve_compact_training, resolve_device
+from .state import TrainState
 from .validation import validate_config
-
-_AMP = dict(zip(AMP_MODES, (None, torch.bfloat16, torch.float16)))
 
 
 class Trainer:
-    """Owns the model, optimizer, EMA, condensation schedule and run directory.
+    """Owns the run's :class:`~cdnv2.engine.state.TrainState` (model, optimizer, EMA, counters:
+    what a checkpoint holds), the condensation schedule, the data and the run directory.
 
     Process-wide settings (threads, seeds, deterministic kernels) are the caller's:
     the CLI sets them with :func:`cdnv2.engine.runtime.configure_runtime`.
@@ -75,6 +76,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # this rank's GPU (NCCL and DDP use the current device)
         self.is_main = self.dist.is_main
+        if run is not None and run.primary != self.is_main:
+            raise RuntimeError(f"rank {self.dist.rank} was given a run dir opened with primary={run.primary}")
         # Rank 0 locks the folder (one run per folder) before reading anything in it.
         self._owns_run = run is None
         self.run = run if run is not None else rundir.RunDir(self.run_dir, primary=self.is_main)
@@ -104,38 +107,30 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             try:
-                self.model = create_model(cfg.model.name, num_classes=self.data.num_classes, **cfg.model.overrides())
-            except (ValueError, TypeError) as e:
-                raise ConfigError(f"model {cfg.model.name!r}: {e}") from None
-        self.init_report = self._init_weights() if cfg.init else None
-        self.model.to(self.device)
+                model = create_model(cfg.model.name, num_classes=self.data.num_classes, **cfg.model.overrides())
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise ConfigError(f"model {cfg.model.name!r}: {first_line(e)}") from None
+        self.init_report = self._init_weights(model) if cfg.init else None
+        model.to(self.device)
         if cfg.trainer.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.condenser = Condenser(self.model, self.total_steps, cfg.condense, from_current_stage=bool(cfg.init))
-        self.structure = Structure.MASKED
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.peak_lr, split_head=cfg.trainer.freeze_epochs > 0)
-        self.ema = (
-            ModelEMA(self.model, cfg.trainer.ema_decay, warmup=cfg.trainer.ema_warmup)
-            if cfg.trainer.ema_decay else None
-        )
+            model.to(memory_format=torch.channels_last)
+        self.condenser = Condenser(model, self.total_steps, cfg.condense, from_current_stage=bool(cfg.init))
         # recipes: knowledge distillation (engine/distill.py)
         self.teacher = load_teacher(
             cfg.distill, self.data.num_classes, next(iter(self.data.val_loader))[0][:2], self.device,
         ) if cfg.distill.teacher else None
         self.compact_training = resolve_compact_training(cfg.trainer.compact_training, self.device)
-        self.autocast_dtype = _AMP[cfg.trainer.amp]  # validation allows fp16 on CUDA only
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
-
-        self.step = 0  # completed optimizer steps
-        self.epoch = 0  # completed epochs
-        self.batch_in_epoch = 0  # completed batches of the current epoch
-        self.best_top1 = -1.0
-        self.bad_steps = 0
+        self.autocast_dtype = AUTOCAST_DTYPES[cfg.trainer.amp]  # validation allows fp16 on CUDA only
+        # What a checkpoint saves and a resume restores (_resume fills it from a checkpoint).
+        self.state = TrainState(
+            model=model,
+            optimizer=self.new_optimizer(model),
+            ema=ModelEMA(model, cfg.trainer.ema_decay, warmup=cfg.trainer.ema_warmup) if cfg.trainer.ema_decay else None,
+            scaler=torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None,
+        )
         self.health = StepHealth(self.dist)  # per-step loss flags, looked at every log_every steps
         self._momentum_primed = False  # momentum buffers primed (see train_step)
         self._last_save = time.monotonic()
-        self.train_seconds = 0.0
-        self.last_eval: dict = {}
         self.last_checkpoint: Path | None = None
         self._stops: stop_signals.StopGuard | None = None
         self.identity = run_identity(cfg, self.data)
@@ -155,11 +150,27 @@ class Trainer:
                                   list(self.condenser.density()))
         self._log_start()
 
+    # The TrainState's objects and counters, read-only, for callbacks and the loop below;
+    # everything that changes them writes self.state.
+    model = property(lambda self: self.state.model)
+    optimizer = property(lambda self: self.state.optimizer)
+    ema = property(lambda self: self.state.ema)
+    scaler = property(lambda self: self.state.scaler)
+    structure = property(lambda self: self.state.structure)
+    step = property(lambda self: self.state.step)
+    epoch = property(lambda self: self.state.epoch)
+    batch_in_epoch = property(lambda self: self.state.batch_in_epoch)
+    bad_steps = property(lambda self: self.state.bad_steps)
+
     # ------------------------------------------------------------------ set-up
-    def _init_weights(self):
+    def new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The run's optimizer over ``model``'s parameters (built again when a resume changes them)."""
+        return build_optimizer(model, self.cfg.optim, self.peak_lr, split_head=self.cfg.trainer.freeze_epochs > 0)
+
+    def _init_weights(self, model: nn.Module):
         """init=PATH: pretrained weights and masks into the fresh model (a resume overrides them)."""
         report = init_model(
-            self.model, self.cfg.init, weights=self.cfg.init_weights, class_names=list(self.data.class_names),
+            model, self.cfg.init, weights=self.cfg.init_weights, class_names=list(self.data.class_names),
             restart=self.cfg.condense.restart, model_name=self.cfg.model.name,
             preprocess=self.data.eval_preprocess,
         )
@@ -186,11 +197,13 @@ class Trainer:
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.dist.enabled:
             if self.cfg.trainer.sync_bn and self.structure is Structure.MASKED:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-                self.model = model
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the Parameter objects
+                self.state.model = model
             ids = [self.device.index] if self.device.type == "cuda" else None
             # Integer buffers (stages, compact indices) are structure, identical on every
-            # rank by construction (checked at the end); Gloo cannot broadcast int16.
+            # rank by construction (checked at the end); Gloo cannot broadcast int16. DDP has
+            # no public way to leave some buffers out of its broadcasts (broadcast_buffers=False
+            # would leave BN statistics per rank): this documented static method is the one way.
             structural = [n for n, b in model.named_buffers() if not b.is_floating_point()]
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, structural)
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -209,11 +222,7 @@ class Trainer:
 
     def _swap_to_compact_training(self) -> None:
         """Second half of training: stop paying for pruned connections."""
-        to_compact_training(self.model, self.optimizer)
-        if self.ema is not None:
-            to_compact_training(self.ema.module)
-            self.ema.sync_structure(self.model)  # new modules: rebuild the EMA's tensor lists
-        self.structure = Structure.COMPACT_TRAINING
+        self.state.to_compact_training()
         self.train_model = self._wrap(self.model)
         log.info("step %d: all masks final, switched to compact training layers", self.step)
 
@@ -230,9 +239,13 @@ class Trainer:
             class_names=self.data.class_names, total_steps=self.total_steps,
         )
         check_identity(state, path, self.identity, self.run_dir)
+        if self.cfg.resume != "auto" and self.is_main:  # resume=PATH: the folder's run must be this one
+            check_target_folder(self.run, self.run_dir, self.ckpt_dir, self.identity, self.total_steps)
         restore(self, state, path)
         self.last_checkpoint = path
-        self.finished = self.step >= self.total_steps and has_report(self.run_dir)
+        self.finished = run_finished(state, path, self.run_dir, self.total_steps)
+        if self.is_main and not self.finished and self.cfg.resume == "auto":
+            keep_fallback(path)
         if self.is_main and not self.finished:
             log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
 
@@ -355,13 +368,12 @@ class Trainer:
             self.train_step(images, targets)
             seen += images.shape[0]
             self.epoch_log.add_images(images.shape[0] * self.dist.world_size)
-            self.batch_in_epoch += 1
+            self.state.batch_in_epoch += 1
             self.after_step()
             self._callback("on_step_end")
             shown = {}
             if self.step % self.cfg.trainer.log_every == 0 or self.step == 1:
-                loss = self._log_train(seen * self.dist.world_size, tick)
-                shown = {"loss": f"{loss:.3f}" if loss is not None else "skip"}
+                shown = progress_loss(self._log_train(seen * self.dist.world_size, tick))
                 tick, seen = time.perf_counter(), 0
             bar.update(1, **shown)
             self._check_stop()
@@ -425,7 +437,7 @@ class Trainer:
             step_unless(self.optimizer, bad)
         if self.ema is not None:
             self.ema.update(self.model, apply=1.0 - bad)
-        self.train_seconds += time.perf_counter() - t0
+        self.state.train_seconds += time.perf_counter() - t0
 
     def _collect_health(self) -> HealthWindow:
         """Look at the steps since the last look (one host sync); account for bad ones."""
@@ -438,7 +450,7 @@ class Trainer:
     def _bad_step(self, steps: list[int]) -> None:
         """Count steps whose loss was not finite (the device already skipped them)."""
         for step in steps:
-            self.bad_steps += 1
+            self.state.bad_steps += 1
             lr = lr_at(step - 1, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.sched)
             where = (
                 f"non-finite loss at step {step} (epoch {(step - 1) // self.steps_per_epoch + 1}, "
@@ -458,7 +470,7 @@ class Trainer:
 
     def after_step(self) -> None:
         """Count the step, apply due condensation stages, maybe swap to compact layers."""
-        self.step += 1
+        self.state.step += 1
         due = self.structure is Structure.MASKED and self.condenser.due(self.step)  # host integers only
         event = self.condenser.step(self.step) if due else None
         if event is not None:
@@ -508,8 +520,8 @@ class Trainer:
     def _epoch_float(self) -> float:
         return self.epoch + self.batch_in_epoch / self.steps_per_epoch
 
-    def _log_train(self, images: int, since: float) -> float | None:
-        """Log the mean loss of the good steps since the last look; returns it (None: none)."""
+    def _log_train(self, images: int, since: float) -> HealthWindow:
+        """Log the mean loss of the good steps since the last look; returns that window."""
         window = self._collect_health()  # waits for the device: the rate below is real
         metrics = {
             "train/lr": self.optimizer.param_groups[0]["lr"],
@@ -521,10 +533,10 @@ class Trainer:
             with torch.no_grad():
                 metrics["train/lasso"] = float(self.condenser.lasso_penalty())
         self.logger.log(self.step, self._epoch_float(), metrics)
-        return window.loss
+        return window
 
     def eval_model(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.model
+        return self.state.eval_model()
 
     def run_eval(self, model: nn.Module, desc: str) -> EvalResult:
         bar = Progress(len(self.data.val_loader), desc, self.cfg.trainer.progress, 10**9, self.is_main)
@@ -541,9 +553,9 @@ class Trainer:
         # Evaluate before counting the epoch: a stop during the evaluation saves a state
         # whose resume re-runs it.
         result = self.run_eval(self.eval_model(), "eval")
-        self.epoch += 1
-        self.batch_in_epoch = 0
-        self.last_eval = {"epoch": self.epoch, **result.as_dict()}
+        self.state.epoch += 1
+        self.state.batch_in_epoch = 0
+        self.state.last_eval = {"epoch": self.epoch, **result.as_dict()}
         self.logger.log(self.step, float(self.epoch), {f"val/{k}": v for k, v in result.as_dict().items()})
         self._collect_health()
         self.epoch_log.write(epoch=self.epoch, step=self.step, lr=self.optimizer.param_groups[0]["lr"],
@@ -555,11 +567,13 @@ class Trainer:
                 "condensed" if self.condenser.done or self.structure is not Structure.MASKED else
                 f"stage {self.condenser.stages()}",
             )
-        self.save()
         fully_condensed = self.structure is not Structure.MASKED or self.condenser.done
-        if fully_condensed and result.top1 > self.best_top1:
-            self.best_top1 = result.top1
+        if fully_condensed and result.top1 > self.state.best_top1:
+            # best.pt before last.pt: a failed or killed write of best.pt leaves last.pt at
+            # the previous checkpoint, so the resume trains this epoch again and rewrites both.
+            self.state.best_top1 = result.top1
             self.save("best.pt")
+        self.save()
         self._callback("on_epoch_end")
 
     # ------------------------------------------------------------------ the end
@@ -573,8 +587,8 @@ class Trainer:
         reference = create_model(self.cfg.model.name, **arch)
         report = masked_report(
             self.cfg, masked, count_cost(reference, tuple(self.data.input_size)), steps=self.step,
-            train_seconds=self.train_seconds, weights="ema" if self.ema is not None else "raw",
-            best_top1=self.best_top1, init=self.init_report.as_dict() if self.init_report else None,
+            train_seconds=self.state.train_seconds, weights="ema" if self.ema is not None else "raw",
+            best_top1=self.state.best_top1, init=self.init_report.as_dict() if self.init_report else None,
             run_dir=self.run_dir,
         )
         has_masks = bool(condensing_layers(reference))
@@ -597,6 +611,14 @@ class Trainer:
         return report
 
 
+def progress_loss(window: HealthWindow) -> dict[str, str]:
+    """What the progress line shows of a log window: its mean loss, ``skip`` only when every
+    step in it was skipped, nothing when a checkpoint or a condensation step already looked."""
+    if window.loss is not None:
+        return {"loss": f"{window.loss:.3f}"}
+    return {"loss": "skip"} if window.bad_steps else {}
+
+
 def train(cfg: TrainConfig, run_dir: str | Path, callbacks: Iterable[Callback] = ()) -> dict:
     """Run (or resume) a whole training run in ``run_dir``; returns the report dict.
 
@@ -604,5 +626,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, callbacks: Iterable[Callback] =
     :mod:`cdnv2.engine.run_dir` for resume, identity and never-overwrite rules.
     """
     validate_config(cfg)  # before the run directory is made
-    with rundir.RunDir(run_dir, primary=rundir.is_primary_process()) as run:
-        return Trainer(cfg, run_dir, callbacks, run=run).fit()
+    # The process that acts as the main one (Trainer.is_main, from the same validated
+    # environment) is the one that locks: a non-main rank never writes into the folder.
+    with rundir.RunDir(run_dir, primary=distributed_env().is_main) as run:
+        trainer = Trainer(cfg, run_dir, callbacks, run=run)
+        run.claim()  # its checks passed: from here on the folder is this run's
+        return trainer.fit()

@@ -25,9 +25,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from ..condense import LASSO_LAYERS, condensing_layers, layer_kind
+from ..condense import LASSO_LAYERS, condensing_layers, fractions_ok, layer_kind
 from ..data import DataError, check_data_config
-from ..data.config import AUTO_AUGMENTS
+from ..data.config import AUTO_AUGMENTS, memory_bytes
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model, is_model, unknown_model_message
 from .config import (
@@ -39,6 +39,9 @@ from .config import (
     SCHEDULES,
     TrainConfig,
 )
+from .distributed import distributed_env
+
+
 from .distill import check_teacher
 from .init_from import check_init_config
 from .mlflow_logger import check_mlflow
@@ -57,10 +60,12 @@ def validate_config(cfg: TrainConfig) -> None:
     except DataError as e:
         raise ConfigError(str(e)) from None
     _check_device(cfg)
+    distributed_env()  # a partial torchrun environment: exit 2 before the run dir exists
     _check_schedule(cfg)
     _check_accum(cfg)
     facts = model_facts(cfg.model.name, cfg.model.overrides())
     _check_image_size(cfg, facts)
+    _check_model_size(cfg, facts)
     _check_condense(cfg, facts)
     _check_resume(cfg)
     check_init_config(cfg.init, cfg.init_weights)
@@ -207,7 +212,8 @@ _RULES: tuple = (
     _Range("sched.warmup_start_factor", lambda v: 0 <= v <= 1, "in [0, 1] (the warmup's first lr as a "
            "fraction of the peak)"),
     _Range("sched.min_lr", lambda v: v >= 0, ">= 0"),
-    _Range("condense.end_fraction", lambda v: 0 < v < 1, "in (0, 1): the fraction of training after "
+    # its even spread obeys the fractions' rule exactly when end_fraction itself does
+    _Range("condense.end_fraction", lambda v: fractions_ok([v]), "in (0, 1): the fraction of training after "
            "which all pruning is done (the paper: 0.5)"),
     _Range("condense.lasso_lambda", lambda v: v >= 0, ">= 0 (0: group lasso off)"),
     _Choice("condense.lasso_layers", LASSO_LAYERS),
@@ -310,6 +316,7 @@ class ModelFacts:
 
     downsampling: int  # input pixels per pixel of the last feature map
     condense_steps: dict  # layer kind ("lgc", "sfr", "classifier") -> condensation steps
+    parameters: int = 0  # weights and buffers (elements)
 
 
 def model_facts(name: str, overrides: dict) -> ModelFacts:
@@ -329,10 +336,10 @@ def _model_facts(name: str, overrides_json: str) -> ModelFacts:
     try:
         with torch.device("meta"):
             model = create_model(name, **overrides)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, OverflowError) as e:
         given = ", ".join(f"model.{k}={_show(v)}" for k, v in overrides.items())
         raise ConfigError(
-            f"model={name} cannot be built with {given}: {e}. Choose values that fit together (the "
+            f"model={name} cannot be built with {given}: {first_line(e)}. Choose values that fit together (the "
             "condense factors must divide the layer widths), or drop the override(s) to use the "
             "variant's own values."
         ) from None
@@ -345,7 +352,25 @@ def _model_facts(name: str, overrides_json: str) -> ModelFacts:
     steps: dict[str, int] = {}
     for _, layer in condensing_layers(model):
         steps[layer_kind(layer)] = max(steps.get(layer_kind(layer), 0), layer.num_steps)
-    return ModelFacts(downsampling, steps)
+    elements = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    return ModelFacts(downsampling, steps, elements)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message: torch's C++ errors append their stack frames."""
+    return (str(e).strip().splitlines() or [""])[0].strip().rstrip(".:")[:300]
+
+
+def _check_model_size(cfg: TrainConfig, facts: ModelFacts) -> None:
+    memory = memory_bytes()
+    # float32 weights, their gradients, optimizer state and the EMA copy: ~4 copies.
+    need = 4 * 4 * facts.parameters
+    if memory is not None and need > memory:
+        given = ", ".join(f"model.{k}={_show(v)}" for k, v in cfg.model.overrides().items()) or "its defaults"
+        raise ConfigError(
+            f"model={cfg.model.name} with {given} has {facts.parameters:,} weights: training it needs about "
+            f"{need / 2**30:,.0f} GiB, and this machine has {memory / 2**30:,.0f} GiB. Choose smaller values."
+        )
 
 
 def _check_image_size(cfg: TrainConfig, facts: ModelFacts) -> None:
@@ -368,7 +393,7 @@ def _check_fractions(key: str, values: Optional[list], steps: Optional[int], mod
             f"Remove the override ({key}=null)."
         )
     example = [round(s / (2 * steps), 4) for s in range(1, steps + 1)]
-    if len(values) != steps or not all(0 < v < 1 for v in values) or list(values) != sorted(set(values)):
+    if len(values) != steps or not fractions_ok(list(values)):
         raise ConfigError(
             f"{key}={_show(values)} does not fit model={model}: its {kind} layers condense in {steps} "
             f"step(s), so give {steps} strictly increasing fraction(s) of training in (0, 1), e.g. "

@@ -49,6 +49,9 @@ def create_model(name: str, *, features_only: bool = False, out_indices=None, **
     ``features_only=True`` returns a backbone giving the map after each dense block
     (``out_indices`` selects blocks, default all) with ``model.feature_info``.
     """
+    if "pretrained" in overrides:
+        raise ValueError("cdnv2.models.create_model builds randomly initialised models; load weights "
+                         "with cdnv2.create_model(name, pretrained=PATH)")
     try:
         builder = _MODELS[name]
     except KeyError:

@@ -20,12 +20,16 @@ class TorchvisionDenseNet(nn.Module):
         self.net = getattr(torchvision.models, variant)(
             weights=None, num_classes=num_classes, memory_efficient=memory_efficient
         )
+        # torchvision's trunk ends at the BN norm5 and applies the final ReLU in forward; as a
+        # child of the trunk (no weights: state dicts are unchanged) the deepest features_only
+        # map is the activated one, as in timm's DenseNet.
+        self.net.features.add_module("relu5", nn.ReLU())
         self.num_features = self.net.classifier.in_features
         self._kwargs = dict(num_classes=num_classes, memory_efficient=memory_efficient)
         self.feature_info = _block_info(self.net.features)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.net.features(x))
+        return self.net.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
@@ -43,7 +47,7 @@ class TorchvisionDenseNet(nn.Module):
 
 
 def _block_info(features: nn.Sequential) -> list[dict]:
-    """Channels and reduction after each ``denseblockN`` (the last one after ``norm5``)."""
+    """Channels and reduction after each ``denseblockN`` (the last one after ``norm5`` and its ReLU)."""
     info, reduction, c = [], 1, 0
     for name, child in features.named_children():
         if isinstance(child, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
@@ -55,7 +59,7 @@ def _block_info(features: nn.Sequential) -> list[dict]:
             info.append(dict(num_chs=c, reduction=reduction, module=f"net.features.{name}"))
         elif name.startswith("transition"):
             c, reduction = child.conv.out_channels, reduction * 2
-    info[-1]["module"] = "net.features.norm5"  # the trunk's final BN, as timm's DenseNet
+    info[-1]["module"] = "net.features.relu5"  # after the trunk's final BN + ReLU, as timm's DenseNet
     return info
 
 

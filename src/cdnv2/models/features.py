@@ -3,8 +3,9 @@
 A model describes its dense blocks in ``model.feature_info``: one dict per block with
 ``num_chs``, ``reduction`` (input size / map size) and ``module``, the dotted name of the
 trunk child whose output is the block's map. The last block's entry names the trunk's
-final norm/activation, so the deepest map equals ``forward_features`` (timm's DenseNet
-does the same). :class:`FeatureListNet` runs the trunk child by child and returns the
+last child (its final norm + activation), so for every registered model the deepest map
+equals ``forward_features`` (timm's DenseNet does the same; tests/test_features.py checks
+it for every model). :class:`FeatureListNet` runs the trunk child by child and returns the
 maps after the selected blocks. It relies only on those child names, so it works
 unchanged for masked, compact-training and compact models: conversion swaps modules
 inside the blocks (and retypes the containers) but keeps every name and width.

@@ -1,0 +1,133 @@
+"""The compiled inference path: a dense block as one static graph (torch.compile / export).
+
+The eager fused path (:mod:`cdnv2.compact.fused_run`) decides per call (plans rebuilt
+when weights change, a per-thread workspace, kernel choices by image size); none of
+that can be traced. This path makes every decision once:
+
+- the folds (:func:`~cdnv2.compact.fold.fold_layer`) are stored on each
+  :class:`~cdnv2.compact.CompactDenseLayer` as non-persistent buffers (``static_*``,
+  :func:`register_static_buffers`), refreshed by :func:`refresh_static` whenever the
+  layer is put in eval mode or loads a state dict: ``.to()`` moves and casts them, the
+  state dict does not carry them;
+- the block buffer layout follows from the module shapes: the block input and every
+  layer's ``h`` go into one (B, C_out, H, W) tensor, each layer reads its prefix;
+- the forward reads nothing from the host and has no data-dependent branch, so
+  ``torch.compile(model, fullgraph=True)`` and ``torch.export.export`` (batch dynamic)
+  trace it whole.
+
+Per layer, in the terms of the generated code: the LGC's gather, input BN and
+activation are one pointwise kernel writing the GEMM input group-major (G, m, B*HW),
+only over the channels the layer reads; one batched GEMM per group; the bias, the 3x3
+unit's activation and the shuffle one pointwise kernel writing the 3x3 conv's input;
+the 3x3 conv; ``h`` copied into its slice of the block buffer (no concatenation of the
+prefix); the SFR as its BN + activation (pointwise), one batched GEMM and an
+``index_add`` of the produced channels only into the prefix, in place.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fold import NotFoldable, fold_layer
+
+if TYPE_CHECKING:
+    from .dense import CompactDenseLayer
+
+__all__ = ["STATIC_BUFFERS", "refresh_static", "register_static_buffers", "run_block_static"]
+
+STATIC_BUFFERS = ("static_pre_scale", "static_pre_shift", "static_weight", "static_bias",
+                  "static_sfr_scale", "static_sfr_shift", "static_sfr_weight")
+
+
+def register_static_buffers(layer: "CompactDenseLayer") -> None:
+    """Register the layer's ``static_*`` buffers (shapes only; :func:`refresh_static` fills them)."""
+    lgc, sfr = layer.conv_1, layer.sfr
+    w = lgc.conv.weight
+    g, n, m = lgc.groups, lgc.out_channels // lgc.groups, lgc.selected // lgc.groups
+    shapes = {"static_pre_scale": (lgc.selected, 1), "static_pre_shift": (lgc.selected, 1),
+              "static_weight": (g, n, m), "static_bias": (g, n, 1)}
+    if sfr is not None:
+        k, gs = sfr.in_channels, sfr.groups
+        shapes.update(static_sfr_scale=(gs, k // gs, 1), static_sfr_shift=(gs, k // gs, 1),
+                      static_sfr_weight=(gs, sfr.produced // gs, k // gs))
+    for name in STATIC_BUFFERS:
+        shape = shapes.get(name)
+        layer.register_buffer(name, None if shape is None else w.new_zeros(shape), persistent=False)
+
+
+@torch.no_grad()
+def refresh_static(layer: "CompactDenseLayer") -> bool:
+    """Fold the layer's current weights into its ``static_*`` buffers; False (buffers left
+    as they were) when the layer does not fold, e.g. a BN in training mode."""
+    try:
+        f = fold_layer(layer)
+    except NotFoldable:
+        return False
+    layer.static_pre_scale.copy_(f.pre_scale[:, None])
+    layer.static_pre_shift.copy_(f.pre_shift[:, None])
+    layer.static_weight.copy_(f.weight)
+    layer.static_bias.copy_(f.bias[..., None])
+    if f.sfr is not None:
+        gs = f.sfr.groups
+        k = f.sfr.scale.numel()
+        # the SFR's input channel j*G+g is row j of group g (the grouped conv's order)
+        layer.static_sfr_scale.copy_(f.sfr.scale.view(k // gs, gs).t()[..., None])
+        layer.static_sfr_shift.copy_(f.sfr.shift.view(k // gs, gs).t()[..., None])
+        layer.static_sfr_weight.copy_(f.sfr.weight)
+    return True
+
+
+def _act(kind: str, module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    if kind == "relu":
+        return F.relu(t)
+    if kind == "hswish":
+        return F.hardswish(t)
+    if kind == "identity":
+        return t
+    return module(t)
+
+
+def _layer_into(layer: "CompactDenseLayer", buf: torch.Tensor, c: int) -> None:
+    """Run ``layer`` on buf[:, :c]: h goes to buf[:, c:c+k], buf[:, :c] is reactivated."""
+    b, _, hgt, wid = buf.shape
+    lgc, unit = layer.conv_1, layer.conv_2
+    g, m = layer.static_weight.shape[0], layer.static_weight.shape[2]
+    # gather + BN + act over the read channels only, group-major: (S, B, HW) = (G, m, B*HW)
+    sel = buf.index_select(1, lgc.index_long).transpose(0, 1).reshape(g * m, b, hgt * wid)
+    a = _act(layer.act_kinds[0], lgc.act, sel * layer.static_pre_scale[..., None]
+             + layer.static_pre_shift[..., None])
+    y = torch.bmm(layer.static_weight, a.reshape(g, m, b * hgt * wid))  # (G, n, B*HW)
+    y = _act(layer.act_kinds[1], unit.act, y + layer.static_bias)
+    # shuffle: grouped [g, d] -> interleaved channel d*G+g, written once, channels-last
+    # (the layout oneDNN's conv wants; NCHW here would cost Inductor a second copy)
+    y = y.view(g, -1, b, hgt, wid).permute(2, 3, 4, 1, 0).reshape(b, hgt, wid, -1).permute(0, 3, 1, 2)
+    conv3 = unit.conv
+    h = layer.se(F.conv2d(y, conv3.weight, conv3.bias, 1, 1, 1, conv3.groups))
+    if layer.sfr is not None:
+        sfr = layer.sfr
+        gs = sfr.groups
+        k = h.shape[1]
+        hg = h.reshape(b, k // gs, gs, hgt * wid).permute(2, 1, 0, 3)  # (G, k/G, B, HW)
+        a3 = _act(layer.act_kinds[2], sfr.act, hg * layer.static_sfr_scale[..., None]
+                  + layer.static_sfr_shift[..., None])
+        s = torch.bmm(layer.static_sfr_weight, a3.reshape(gs, k // gs, b * hgt * wid))  # (G, c'/G, B*HW)
+        s = s.view(sfr.produced, b, hgt, wid).transpose(0, 1)
+        buf.index_add_(1, sfr.index_long, s)  # produced channel r -> channel index[r] (< c)
+    # index_copy_, not a slice assignment: Inductor re-inplaces it into the block buffer,
+    # while a slice_scatter after the index_add_ above becomes a copy of the whole buffer
+    buf.index_copy_(1, torch.arange(c, c + h.shape[1], device=buf.device), h)
+
+
+def run_block_static(layers: list, x: torch.Tensor) -> torch.Tensor:
+    """A dense block on ``x`` (B, C, H, W) -> its block buffer (B, C + sum of growths, H, W)."""
+    b, c, hgt, wid = x.shape
+    width = c + sum(layer.growth for layer in layers)
+    buf = x.new_empty(b, width, hgt, wid)
+    buf[:, :c] = x
+    for layer in layers:
+        _layer_into(layer, buf, c)
+        c += layer.growth
+    return buf
