@@ -85,6 +85,7 @@ def _first_step(tmp_path, recal: int) -> tuple[float, float]:
     return stop.value.args
 
 
+@pytest.mark.slow  # two 48-step runs: ~1 min alone, 5 min on the loaded shared CPU
 def test_bn_recal_keeps_accuracy_through_a_condensation_step(tmp_path):
     """Top-1 right before and right after the first condensation step of a tiny run (step 48
     of 64): with stale BN statistics the step costs most of what was learned; with them
