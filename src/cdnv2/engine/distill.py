@@ -94,3 +94,11 @@ def teacher_logits(teacher: nn.Module, images: torch.Tensor, num_classes: int) -
             "the teacher must be trained on the same classes."
         )
     return logits
+
+
+def load_teacher(cfg: DistillConfig, num_classes: int, example: torch.Tensor, device: torch.device) -> nn.Module:
+    """:func:`build_teacher` on ``device``, its class count checked on ``example`` images
+    (before any training: a teacher of other classes is a user error, exit 2)."""
+    teacher = build_teacher(cfg, num_classes).to(device)
+    teacher_logits(teacher, example.to(device), num_classes)
+    return teacher

@@ -32,7 +32,7 @@ from .accumulate import accumulate_backward, check_accum
 from .bn_recal import recalibrate_after_condense
 from .callbacks import Callback
 from .config import TrainConfig, config_to_dict
-from .distill import build_teacher, distill_loss, teacher_logits
+from .distill import distill_loss, load_teacher, teacher_logits
 from .distributed import all_reduce_sum, any_rank_each, barrier, cleanup, distributed_env, init_distributed
 from .epoch_log import EpochLog
 from .finalize import (
@@ -116,9 +116,9 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         self.condenser = Condenser(model, self.total_steps, cfg.condense, from_current_stage=bool(cfg.init))
         # recipes: knowledge distillation (engine/distill.py)
-        self.teacher = (
-            build_teacher(cfg.distill, self.data.num_classes).to(self.device) if cfg.distill.teacher else None
-        )
+        self.teacher = load_teacher(
+            cfg.distill, self.data.num_classes, next(iter(self.data.val_loader))[0][:2], self.device,
+        ) if cfg.distill.teacher else None
         self.compact_training = resolve_compact_training(cfg.trainer.compact_training, self.device)
         self.autocast_dtype = AUTOCAST_DTYPES[cfg.trainer.amp]  # validation allows fp16 on CUDA only
         # What a checkpoint saves and a resume restores (_resume fills it from a checkpoint).
