@@ -147,8 +147,8 @@ def test_sweep_records_a_failing_job_and_skips_finished_ones(tmp_path):
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_its_unfinished_job(tmp_path):
-    args = ["-m", *SWEEP, "model.lgc_condense=3,4"]
-    sweep_dir = tmp_path / "sweeps" / sweeps.derive_sweep_name(args)
+    args = ["-m", *SWEEP, "model.lgc_condense=3,4", "sweep_name=killed"]  # the same folder with and without the kill
+    sweep_dir = tmp_path / "sweeps" / "killed"
     killed = cli("cdnv2-train", *args, callback("kill", "KillAtStep", step=6), cwd=tmp_path)  # epoch 2 of 2
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (sweep_dir / "1" / "checkpoints" / "last.pt").exists()
