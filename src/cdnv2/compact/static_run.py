@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.index_kernels import group_major
 from .fold import NotFoldable, fold_layer
 
 if TYPE_CHECKING:
@@ -90,32 +91,53 @@ def _act(kind: str, module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     return module(t)
 
 
-def _layer_into(layer: "CompactDenseLayer", buf: torch.Tensor, c: int) -> None:
-    """Run ``layer`` on buf[:, :c]: h goes to buf[:, c:c+k], buf[:, :c] is reactivated."""
+def _lgc_into_conv_input(layer: "CompactDenseLayer", buf: torch.Tensor) -> torch.Tensor:
+    """LGC with the 3x3 unit's BN folded: the 3x3 conv's input, interleaved channel order."""
     b, _, hgt, wid = buf.shape
+    hw = hgt * wid
     lgc, unit = layer.conv_1, layer.conv_2
-    g, m = layer.static_weight.shape[0], layer.static_weight.shape[2]
-    # gather + BN + act over the read channels only, group-major: (S, B, HW) = (G, m, B*HW)
-    sel = buf.index_select(1, lgc.index_long).transpose(0, 1).reshape(g * m, b, hgt * wid)
-    a = _act(layer.act_kinds[0], lgc.act, sel * layer.static_pre_scale[..., None]
-             + layer.static_pre_shift[..., None])
-    y = torch.bmm(layer.static_weight, a.reshape(g, m, b * hgt * wid))  # (G, n, B*HW)
-    y = _act(layer.act_kinds[1], unit.act, y + layer.static_bias)
-    # shuffle: grouped [g, d] -> interleaved channel d*G+g, written once, channels-last
-    # (the layout oneDNN's conv wants; NCHW here would cost Inductor a second copy)
-    y = y.view(g, -1, b, hgt, wid).permute(2, 3, 4, 1, 0).reshape(b, hgt, wid, -1).permute(0, 3, 1, 2)
-    conv3 = unit.conv
-    h = layer.se(F.conv2d(y, conv3.weight, conv3.bias, 1, 1, 1, conv3.groups))
-    if layer.sfr is not None:
-        sfr = layer.sfr
-        gs = sfr.groups
-        k = h.shape[1]
-        hg = h.reshape(b, k // gs, gs, hgt * wid).permute(2, 1, 0, 3)  # (G, k/G, B, HW)
+    g, n, m = layer.static_weight.shape
+    kinds = layer.act_kinds
+    if group_major(hw):  # small images: one GEMM per group over all images
+        # gather + BN + act over the read channels only, group-major (G, m, B*HW)
+        sel = buf.index_select(1, lgc.index_long).transpose(0, 1).reshape(g * m, b, hw)
+        a = _act(kinds[0], lgc.act, sel * layer.static_pre_scale[..., None] + layer.static_pre_shift[..., None])
+        y = _act(kinds[1], unit.act, torch.bmm(layer.static_weight, a.reshape(g, m, b * hw)) + layer.static_bias)
+        # shuffle: grouped [g, d] -> channel d*G+g, written once channels-last (the layout
+        # oneDNN's conv wants; NCHW here would cost Inductor a second copy)
+        return y.view(g, n, b, hgt, wid).permute(2, 3, 4, 1, 0).reshape(b, hgt, wid, -1).permute(0, 3, 1, 2)
+    # large images: per-image GEMMs, no transposition of batch-sized tensors
+    sel = buf.index_select(1, lgc.index_long).reshape(b, g * m, hw)
+    a = _act(kinds[0], lgc.act, sel * layer.static_pre_scale + layer.static_pre_shift)
+    y = _act(kinds[1], unit.act, torch.matmul(layer.static_weight, a.view(b, g, m, hw)) + layer.static_bias)
+    return y.view(b, g, n, hgt, wid).permute(0, 3, 4, 2, 1).reshape(b, hgt, wid, -1).permute(0, 3, 1, 2)
+
+
+def _sfr_into(layer: "CompactDenseLayer", h: torch.Tensor, buf: torch.Tensor) -> None:
+    """buf[:, index[r]] += the SFR's produced channel r (in place; duplicates sum)."""
+    sfr = layer.sfr
+    b, k, hgt, wid = h.shape
+    hw, gs = hgt * wid, sfr.groups
+    if group_major(hw):
+        hg = h.reshape(b, k // gs, gs, hw).permute(2, 1, 0, 3)  # (G, k/G, B, HW)
         a3 = _act(layer.act_kinds[2], sfr.act, hg * layer.static_sfr_scale[..., None]
                   + layer.static_sfr_shift[..., None])
-        s = torch.bmm(layer.static_sfr_weight, a3.reshape(gs, k // gs, b * hgt * wid))  # (G, c'/G, B*HW)
+        s = torch.bmm(layer.static_sfr_weight, a3.reshape(gs, k // gs, b * hw))  # (G, c'/G, B*HW)
         s = s.view(sfr.produced, b, hgt, wid).transpose(0, 1)
-        buf.index_add_(1, sfr.index_long, s)  # produced channel r -> channel index[r] (< c)
+    else:
+        hg = h.reshape(b, k // gs, gs, hw).transpose(1, 2)  # (B, G, k/G, HW)
+        a3 = _act(layer.act_kinds[2], sfr.act, hg * layer.static_sfr_scale + layer.static_sfr_shift)
+        s = torch.matmul(layer.static_sfr_weight, a3).reshape(b, sfr.produced, hgt, wid)
+    buf.index_add_(1, sfr.index_long, s)  # produced channel r -> channel index[r] (< c)
+
+
+def _layer_into(layer: "CompactDenseLayer", buf: torch.Tensor, c: int) -> None:
+    """Run ``layer`` on buf[:, :c]: h goes to buf[:, c:c+k], buf[:, :c] is reactivated."""
+    conv3 = layer.conv_2.conv
+    y = _lgc_into_conv_input(layer, buf)
+    h = layer.se(F.conv2d(y, conv3.weight, conv3.bias, 1, 1, 1, conv3.groups))
+    if layer.sfr is not None:
+        _sfr_into(layer, h, buf)
     # index_copy_, not a slice assignment: Inductor re-inplaces it into the block buffer,
     # while a slice_scatter after the index_add_ above becomes a copy of the whole buffer
     buf.index_copy_(1, torch.arange(c, c + h.shape[1], device=buf.device), h)
