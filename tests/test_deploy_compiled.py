@@ -59,7 +59,8 @@ def test_missing_executorch_names_the_mobile_extra(monkeypatch):
         require(["executorch"])
 
 
-@pytest.mark.timeout(1200)  # lowering to XNNPACK: about a minute alone, much more on a loaded CPU
+@pytest.mark.slow  # lowering to XNNPACK: a minute or more; the aoti test is the default run's compile test
+@pytest.mark.timeout(1200)
 def test_executorch_program_matches_pytorch_in_the_executorch_runtime(compact, tmp_path):
     pytest.importorskip("executorch")
     (c,) = export_and_check(compact, ["executorch"], tmp_path / "tiny", SIZE, class_names=["a", "b"],
