@@ -89,3 +89,23 @@ def test_edited_export_sidecar_is_a_checkpoint_error(shared, tmp_path, sidecar, 
     (tmp_path / "m.onnx.json").write_text(sidecar)
     with pytest.raises(UserError, match=message):
         load_onnx(onnx, torch.device("cpu"), "auto")
+
+
+def test_refused_predict_and_viz_create_no_folder_and_stay_out_of_run_folders(shared, tmp_path):
+    from cdnv2.cli import viz as viz_cli
+
+    root, _, _, image = shared
+    evil = tmp_path / "not_a_checkpoint.pt"
+    evil.write_bytes(b"garbage")
+    with pytest.raises(UserError):
+        predict_cli.run(predict_cli.PredictConfig(checkpoint=str(evil), input=str(image),
+                                                  out=str(tmp_path / "pred"), progress="none"))
+    with pytest.raises(UserError, match="no such file"):
+        viz_cli.run(viz_cli.VizConfig(checkpoint=str(tmp_path / "nowhere" / "x.pt")))
+    assert not (tmp_path / "pred").exists() and not (tmp_path / "nowhere").exists()
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".cdnv2-run.lock").write_text("")
+    with pytest.raises(UserError, match="own files"):
+        viz_cli.run(viz_cli.VizConfig(checkpoint=str(root / "m.safetensors"), out=str(run / ".hydra")))
+    assert list((run / ".hydra").iterdir()) == []

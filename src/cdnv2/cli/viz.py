@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import open_checkpoint
-from ..engine.run_dir import check_writable
+from ..engine.run_dir import check_not_run_file, check_writable
 from ..errors import CheckpointError, ConfigError
 from ..viz import REDUCTIONS, VizError, block_connectivity, plot_connectivity, plot_curves, read_metrics
 from .common import make_main, run_user_command
@@ -68,14 +68,17 @@ def run(cfg: VizConfig) -> dict[str, str]:
         out = run_dir / "plots"
     else:
         out = checkpoint.parent
+    # Read everything first, then check the outputs: a refused command creates no folder.
+    series = read_metrics(run_dir / "metrics.jsonl") if run_dir is not None else None
+    loaded = open_checkpoint(checkpoint, weights=cfg.weights, official_name=cfg.official) if checkpoint else None
+    for name in ("curves.png", "connectivity.png", "connectivity.json"):  # e.g. out=<run>/.hydra
+        check_not_run_file(out / name, "out")
     check_writable(out, "output folder", "choose another place with out=PATH")
     written: dict[str, str] = {}
 
-    if run_dir is not None:
-        series = read_metrics(run_dir / "metrics.jsonl")
+    if series is not None:
         written["curves"] = str(plot_curves(series, out / "curves.png", title=f"{run_dir.name}: training curves"))
-    if checkpoint is not None:
-        loaded = open_checkpoint(checkpoint, weights=cfg.weights, official_name=cfg.official)
+    if loaded is not None:
         blocks = block_connectivity(loaded.model, cfg.reduce)
         stem = "connectivity"
         title = (f"{loaded.model_name} ({loaded.structure}): fraction of each source's channels that a "
