@@ -128,3 +128,18 @@ def test_edited_index_buffer_is_a_checkpoint_error(shared, tmp_path, shift):
     save_file({**state, key: state[key] + shift}, str(path), metadata=meta)
     with pytest.raises(UserError, match="channel indices outside"):
         cdnv2.load_model(path)
+
+
+@pytest.mark.parametrize("sidecar,message", [
+    ("[1]", "does not record the model"),
+    ("{not json", "cannot be read as JSON"),
+    (json.dumps({"source": {"model": "cdnv2_tiny"}, "preprocess": {**PREPROCESS, "crop": "x"}}), "crop='x'"),
+])
+def test_edited_aoti_sidecar_is_a_user_error(tmp_path, sidecar, message):
+    from cdnv2.cli import eval as eval_cli
+
+    package = tmp_path / "m.pt2"
+    package.write_bytes(b"not read: the sidecar is checked first")
+    (tmp_path / "m.pt2.json").write_text(sidecar)
+    with pytest.raises(UserError, match=message):
+        eval_cli.open_aoti_package(package, eval_cli.EvalConfig(checkpoint=str(package), device="cpu"))
