@@ -38,7 +38,6 @@ BAD_METADATA = [
     ("preprocess", json.dumps({**PREPROCESS, "resize": 10**6}), "resize=1000000"),  # once: a 10^12-pixel resize
     ("preprocess", json.dumps({**PREPROCESS, "std": [0, 0, 0]}), "std="),
     ("preprocess", json.dumps({**PREPROCESS, "mean": "x"}), "mean="),
-    ("preprocess", json.dumps({"crop": 32}), "lacks the key"),
     ("class_names", "5", "class_names must be a list of strings"),
     ("model_kwargs", "[1]", "model_kwargs a dict"),
 ]
@@ -57,10 +56,17 @@ def test_edited_safetensors_metadata_is_a_checkpoint_error(shared, key, value, m
         cdnv2.Predictor(path).predict([image], topk=2)
 
 
-def test_edited_files_still_untouched_when_valid(shared):
+def test_valid_and_partial_preprocess_still_load(shared, tmp_path):
+    from safetensors.torch import save_file
+
     root, meta, state, image = shared
     p = cdnv2.Predictor(root / "m.safetensors")
     assert len(p.predict([image], topk=2)[0].labels) == 2
+    partial = tmp_path / "partial.safetensors"  # save_compact takes any dict: loading keeps it
+    save_file(state, str(partial), metadata={**meta, "preprocess": json.dumps({"crop": 32})})
+    assert cdnv2.load_model(partial).cdnv2_meta["preprocess"] == {"crop": 32}
+    with pytest.raises(UserError, match="lacks the key"):  # but it cannot make a transform
+        cdnv2.Predictor(partial)
 
 
 def test_predict_out_into_a_runs_own_folder_is_refused(shared, tmp_path):
@@ -89,3 +95,51 @@ def test_edited_export_sidecar_is_a_checkpoint_error(shared, tmp_path, sidecar, 
     (tmp_path / "m.onnx.json").write_text(sidecar)
     with pytest.raises(UserError, match=message):
         load_onnx(onnx, torch.device("cpu"), "auto")
+
+
+def test_refused_predict_and_viz_create_no_folder_and_stay_out_of_run_folders(shared, tmp_path):
+    from cdnv2.cli import viz as viz_cli
+
+    root, _, _, image = shared
+    evil = tmp_path / "not_a_checkpoint.pt"
+    evil.write_bytes(b"garbage")
+    with pytest.raises(UserError):
+        predict_cli.run(predict_cli.PredictConfig(checkpoint=str(evil), input=str(image),
+                                                  out=str(tmp_path / "pred"), progress="none"))
+    with pytest.raises(UserError, match="no such file"):
+        viz_cli.run(viz_cli.VizConfig(checkpoint=str(tmp_path / "nowhere" / "x.pt")))
+    assert not (tmp_path / "pred").exists() and not (tmp_path / "nowhere").exists()
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".cdnv2-run.lock").write_text("")
+    with pytest.raises(UserError, match="own files"):
+        viz_cli.run(viz_cli.VizConfig(checkpoint=str(root / "m.safetensors"), out=str(run / ".hydra")))
+    assert list((run / ".hydra").iterdir()) == []
+
+
+@pytest.mark.parametrize("shift", [10**4, -10**4])
+def test_edited_index_buffer_is_a_checkpoint_error(shared, tmp_path, shift):
+    """Out-of-range channel indices once loaded fine and failed in forward (IndexError)."""
+    from safetensors.torch import save_file
+
+    root, meta, state, image = shared
+    key = next(k for k in state if k.endswith("sfr.index"))
+    path = tmp_path / "edited_index.safetensors"
+    save_file({**state, key: state[key] + shift}, str(path), metadata=meta)
+    with pytest.raises(UserError, match="channel indices outside"):
+        cdnv2.load_model(path)
+
+
+@pytest.mark.parametrize("sidecar,message", [
+    ("[1]", "does not record the model"),
+    ("{not json", "cannot be read as JSON"),
+    (json.dumps({"source": {"model": "cdnv2_tiny"}, "preprocess": {**PREPROCESS, "crop": "x"}}), "crop='x'"),
+])
+def test_edited_aoti_sidecar_is_a_user_error(tmp_path, sidecar, message):
+    from cdnv2.cli import eval as eval_cli
+
+    package = tmp_path / "m.pt2"
+    package.write_bytes(b"not read: the sidecar is checked first")
+    (tmp_path / "m.pt2.json").write_text(sidecar)
+    with pytest.raises(UserError, match=message):
+        eval_cli.open_aoti_package(package, eval_cli.EvalConfig(checkpoint=str(package), device="cpu"))

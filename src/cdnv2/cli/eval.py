@@ -33,6 +33,7 @@ from ..checkpoint import Loaded, open_checkpoint
 from ..compact import Structure, convert_model
 from ..condense import condensing_layers
 from ..data import DataConfig, build_data
+from ..data.transforms import check_eval_preprocess
 from ..engine.logger import Progress
 from ..engine.run_dir import check_not_run_file, check_writable
 from ..engine.runtime import AUTOCAST_DTYPES, configure_runtime, deterministic_mode, resolve_device
@@ -241,11 +242,17 @@ def open_aoti_package(path: Path, cfg: EvalConfig) -> Loaded:
     if not path.is_file() or not side.is_file():
         raise ConfigError(f"checkpoint={path}: {'no such file' if not path.is_file() else f'{side.name} is missing'}; "
                           "give a .pt2 written by cdnv2-convert export=aoti, with its .pt2.json beside it")
-    info = json.loads(side.read_text())
-    source = info.get("source") or {}
-    if "model" not in source:
+    try:
+        info = json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{side}: cannot be read as JSON ({' '.join(str(e).split())[:200]}); "
+                          "export it again with cdnv2-convert export=aoti") from None
+    source = (info.get("source") if isinstance(info, dict) else None) or {}
+    if not isinstance(source, dict) or "model" not in source or not isinstance(source.get("data") or {}, dict):
         raise ConfigError(f"{side} does not record the model and data it was exported from; "
                           "export it again with cdnv2-convert export=aoti")
+    if info.get("preprocess") is not None:
+        check_eval_preprocess(info["preprocess"], str(side))  # a file's values are not trusted
     if cfg.cost or resolve_device(cfg.device).type != "cpu":
         raise ConfigError(f"checkpoint={path} is compiled for the CPU and has no layers to count: use device=cpu "
                           f"without cost=true, or evaluate {source.get('artifact', 'the .pt artifact')} for costs")

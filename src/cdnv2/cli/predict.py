@@ -86,7 +86,8 @@ def _is_image(name: str) -> bool:
 
 
 def check(cfg: PredictConfig) -> tuple[list[Path], Path]:
-    """Every option checked before the model is read: (image files, output folder)."""
+    """Every option checked before the model is read: (image files, output folder; its
+    writability is checked once the model is read)."""
     if not cfg.checkpoint:
         raise ConfigError(
             "checkpoint=PATH is required: a compact artifact (runs/<run>/model_compact.pt or its "
@@ -116,7 +117,6 @@ def check(cfg: PredictConfig) -> tuple[list[Path], Path]:
         )
     for name in FILES:  # e.g. out=<run>/.hydra or <run>/tb: a run's own folders
         check_not_run_file(out / name, "out")
-    check_writable(out, "output folder", "choose another place with out=PATH")
     return images, out
 
 
@@ -181,6 +181,8 @@ def run(cfg: PredictConfig) -> dict:
     images, out = check(cfg)
     predictor = Predictor(cfg.checkpoint, device=resolve_device(cfg.device), weights=cfg.weights,
                           batch_size=cfg.batch_size)
+    # After the model is read (a refused file creates no folder), before any image is.
+    check_writable(out, "output folder", "choose another place with out=PATH")
     bar = Progress(len(images), "predict", cfg.progress, every=max(1, cfg.batch_size))
     start = time.perf_counter()
     predictions, unreadable = predictor.predict_files(images, cfg.topk, progress=bar.update, workers=cfg.workers)

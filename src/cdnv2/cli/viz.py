@@ -68,16 +68,17 @@ def run(cfg: VizConfig) -> dict[str, str]:
         out = run_dir / "plots"
     else:
         out = checkpoint.parent
-    for name in ("curves.png", "connectivity.png", "connectivity.json"):
+    # Read everything first, then check the outputs: a refused command creates no folder.
+    series = read_metrics(run_dir / "metrics.jsonl") if run_dir is not None else None
+    loaded = open_checkpoint(checkpoint, weights=cfg.weights, official_name=cfg.official) if checkpoint else None
+    for name in ("curves.png", "connectivity.png", "connectivity.json"):  # e.g. out=<run>/.hydra
         check_not_run_file(out / name, "out")
     check_writable(out, "output folder", "choose another place with out=PATH")
     written: dict[str, str] = {}
 
-    if run_dir is not None:
-        series = read_metrics(run_dir / "metrics.jsonl")
+    if series is not None:
         written["curves"] = str(plot_curves(series, out / "curves.png", title=f"{run_dir.name}: training curves"))
-    if checkpoint is not None:
-        loaded = open_checkpoint(checkpoint, weights=cfg.weights, official_name=cfg.official)
+    if loaded is not None:
         blocks = block_connectivity(loaded.model, cfg.reduce)
         stem = "connectivity"
         title = (f"{loaded.model_name} ({loaded.structure}): fraction of each source's channels that a "

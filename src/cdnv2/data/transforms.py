@@ -182,9 +182,10 @@ def eval_preprocess(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]
 PREPROCESS_KEYS = ("resize", "crop", "interpolation", "mean", "std")
 
 
-def check_eval_preprocess(p: Any, where: str = "eval_preprocess") -> None:
+def check_eval_preprocess(p: Any, where: str = "eval_preprocess", complete: bool = True) -> None:
     """Raise :class:`DataError` unless ``p`` is an eval preprocessing dict that
-    :func:`build_eval_transform` can use (a file's recorded values are not trusted)."""
+    :func:`build_eval_transform` can use (a file's recorded values are not trusted).
+    ``complete=False``: check only the keys present (a file may record a partial dict)."""
 
     def bad(what: str) -> DataError:
         return DataError(
@@ -196,21 +197,25 @@ def check_eval_preprocess(p: Any, where: str = "eval_preprocess") -> None:
     if not isinstance(p, dict):
         raise bad(f"the recorded preprocessing is a {type(p).__name__}, not a dict")
     missing = [k for k in PREPROCESS_KEYS if k not in p]
-    if missing:
+    if missing and complete:
         raise bad(f"it lacks the key(s) {', '.join(missing)}")
     for key in ("resize", "crop"):
+        if key not in p:
+            continue
         v = p[key]
         if key == "resize" and v in (None, 0):  # no resize before the crop
             continue
         if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_IMAGE_SIZE:
             raise bad(f"{key}={v!r}")
-    if p["interpolation"] not in INTERPOLATIONS:
+    if "interpolation" in p and p["interpolation"] not in INTERPOLATIONS:
         raise bad(f"interpolation={p['interpolation']!r}")
     for key in ("mean", "std"):
+        if key not in p:
+            continue
         v = p[key]
         ok = isinstance(v, (list, tuple)) and 1 <= len(v) <= 64 and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < float("inf") for x in v)
-        if not ok or (key == "std" and any(x == 0 for x in v)) or len(v) != len(p["mean"]):
+        if not ok or (key == "std" and any(x == 0 for x in v)) or len(v) != len(p.get("mean", v)):
             raise bad(f"{key}={v!r}")
 
 

@@ -64,7 +64,13 @@ def _require_final(masked: CondensingConv1x1) -> None:
 
 
 def _refresh_index_long(module: nn.Module, incompatible_keys=None) -> None:
-    module.index_long = getattr(module, module.index_buffer).long()
+    index = getattr(module, module.index_buffer)
+    limit = getattr(module, "index_limit", None)
+    if limit is not None and index.numel() and not index.is_meta and (index.min() < 0 or index.max() >= limit):
+        # A loaded file's values are not trusted: out of range, they fail (or read memory) in forward.
+        raise RuntimeError(f"{type(module).__name__}.{module.index_buffer} holds channel indices outside "
+                           f"[0, {limit}) (min {int(index.min())}, max {int(index.max())})")
+    module.index_long = index.long()
 
 
 class CompactIndexed(nn.Module):
@@ -73,6 +79,7 @@ class CompactIndexed(nn.Module):
     index_buffer = "index"  # the state-dict name (the training LGC's differs: it marks the form)
 
     def _register_index(self, size: int, channels: int) -> None:
+        self.index_limit = channels  # indices address channels [0, channels)
         self.register_buffer(self.index_buffer, torch.zeros(size, dtype=index_dtype(channels)))
         self.register_buffer("index_long", torch.zeros(size, dtype=torch.long), persistent=False)
         self.register_load_state_dict_post_hook(_refresh_index_long)
