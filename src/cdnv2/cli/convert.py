@@ -32,7 +32,7 @@ from ..compact import Structure, check_fully_condensed, check_parity, convert_mo
 from ..condense import condensing_layers
 from ..data import DataError
 from ..deploy import ExportError, export_and_check, formats_for, require
-from ..deploy.export import PACKAGES
+from ..deploy.export import FORMATS, PACKAGES
 from ..deploy.quantize import QUANTIZE
 from ..engine.run_dir import check_not_run_file, check_writable
 from ..errors import CheckpointError, ConfigError
@@ -42,6 +42,7 @@ from ..engine.runtime import configure_runtime, resolve_device
 from .common import make_main, run_user_command
 
 PROG = "cdnv2-convert"
+EXPORTS = (*FORMATS[:-1], "safetensors", FORMATS[-1])  # ..., safetensors, all
 
 
 @dataclass
@@ -138,7 +139,10 @@ def validate(cfg: ConvertConfig) -> list[str]:
         )
     if cfg.parity_samples < 1 or cfg.cost_batch < 1:
         raise ConfigError(f"parity_samples={cfg.parity_samples} and cost_batch={cfg.cost_batch} must be >= 1")
-    formats = [] if cfg.export == "safetensors" else formats_for(cfg.export)
+    try:
+        formats = [] if cfg.export == "safetensors" else formats_for(cfg.export)
+    except ExportError:  # the deploy package does not know the safetensors choice of this command
+        raise ExportError(f"export={cfg.export!r}: use one of {', '.join(EXPORTS)}") from None
     require([f for f in formats if f in PACKAGES])
     _check_quantize(cfg, formats)
     if cfg.out:

@@ -227,8 +227,11 @@ def load(cfg: EvalConfig) -> Loaded:
 def check_out(path: Path) -> None:
     """Before evaluating: eval.json can be written at ``path`` and is not a run's own file."""
     check_not_run_file(path, "out")
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     check_writable(path.parent, "output folder", f"eval.json cannot be written there; give another "
                    f"place with out=PATH (e.g. out={Path.cwd() / 'eval.json'})")
+    for folder in made:  # made only to probe: a refused or failed evaluation leaves no folder (run() makes it)
+        folder.rmdir()
 
 
 def open_aoti_package(path: Path, cfg: EvalConfig) -> Loaded:
