@@ -362,8 +362,3 @@ def _same_file(fd: int, path: Path) -> bool:
         return os.path.samestat(os.fstat(fd), os.stat(path))
     except FileNotFoundError:
         return False
-
-
-def is_primary_process() -> bool:
-    """Rank 0 (or not distributed), from torchrun's environment."""
-    return int(os.environ.get("RANK", "0")) == 0
