@@ -35,6 +35,7 @@ def tiny_folder_run(tmp_path_factory):
     return run, data
 
 
+@pytest.fixture(scope="session")
 def quick_cli_run(tmp_path_factory):
     """One finished ``cdnv2-train <QUICK>`` run for the whole session; tests that change
     anything copy it first. Its last.pt holds the weights every interrupted QUICK run must
