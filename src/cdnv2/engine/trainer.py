@@ -90,18 +90,7 @@ class Trainer:
             cfg.data, seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size,
             device_type=self.device.type,
         )
-        check_accum(cfg.data.batch_size, self.dist.world_size, cfg.trainer.accum_steps)  # recipes
-        self.steps_per_epoch = self.data.steps_per_epoch
-        if cfg.trainer.max_steps_per_epoch:
-            self.steps_per_epoch = min(self.steps_per_epoch, cfg.trainer.max_steps_per_epoch)
-        if self.steps_per_epoch < 1:
-            raise ConfigError(
-                f"data.batch_size={cfg.data.batch_size} leaves no full training batch per rank; "
-                "lower the batch size"
-            )
-        self.total_steps = cfg.trainer.epochs * self.steps_per_epoch
-        self.peak_lr = resolve_lr(cfg.optim, cfg.data.batch_size)
-        self.warmup_steps = round(cfg.sched.warmup_epochs * self.steps_per_epoch)
+        self._count_steps()
 
         # Identical initial weights on every rank, from a forked RNG: the caller's is left alone.
         with torch.random.fork_rng(devices=[]):
@@ -137,17 +126,7 @@ class Trainer:
         self.finished = False  # resumed a run whose report.json is written: nothing to do
         self._resume()
         self.train_model = self._wrap(self.model)
-        self.logger = MetricLogger(self.run_dir if self.is_main and not self.finished else None)
-        # recipes: optional MLflow mirror of every logged scalar (engine/mlflow_logger.py)
-        self.mlflow = (
-            MlflowLogger(self.run_dir, config_to_dict(cfg), cfg.trainer.mlflow_uri)
-            if cfg.trainer.mlflow and self.is_main and not self.finished else None
-        )
-        if self.mlflow is not None:
-            self.logger = WithMlflow(self.logger, self.mlflow)
-        # recipes: one wide row per epoch in epochs.csv (engine/epoch_log.py)
-        self.epoch_log = EpochLog(self.run_dir if self.is_main and not self.finished else None,
-                                  list(self.condenser.density()))
+        self._open_logs()
         self._log_start()
 
     # The TrainState's objects and counters, read-only, for callbacks and the loop below;
@@ -163,6 +142,37 @@ class Trainer:
     bad_steps = property(lambda self: self.state.bad_steps)
 
     # ------------------------------------------------------------------ set-up
+    def _count_steps(self) -> None:
+        """Steps per epoch and in all, the peak lr and the warmup length (optimizer steps)."""
+        cfg = self.cfg
+        check_accum(cfg.data.batch_size, self.dist.world_size, cfg.trainer.accum_steps)  # recipes
+        self.steps_per_epoch = self.data.steps_per_epoch
+        if cfg.trainer.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.trainer.max_steps_per_epoch)
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"data.batch_size={cfg.data.batch_size} leaves no full training batch per rank; "
+                "lower the batch size"
+            )
+        self.total_steps = cfg.trainer.epochs * self.steps_per_epoch
+        self.peak_lr = resolve_lr(cfg.optim, cfg.data.batch_size)
+        self.warmup_steps = round(cfg.sched.warmup_epochs * self.steps_per_epoch)
+
+    def _open_logs(self) -> None:
+        """metrics.jsonl/.csv and TensorBoard, the optional MLflow mirror and epochs.csv
+        (rank 0 of an unfinished run only)."""
+        folder = self.run_dir if self.is_main and not self.finished else None
+        self.logger = MetricLogger(folder)
+        # recipes: optional MLflow mirror of every logged scalar (engine/mlflow_logger.py)
+        self.mlflow = (
+            MlflowLogger(self.run_dir, config_to_dict(self.cfg), self.cfg.trainer.mlflow_uri)
+            if self.cfg.trainer.mlflow and folder is not None else None
+        )
+        if self.mlflow is not None:
+            self.logger = WithMlflow(self.logger, self.mlflow)
+        # recipes: one wide row per epoch in epochs.csv (engine/epoch_log.py)
+        self.epoch_log = EpochLog(folder, list(self.condenser.density()))
+
     def new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The run's optimizer over ``model``'s parameters (built again when a resume changes them)."""
         return build_optimizer(model, self.cfg.optim, self.peak_lr, split_head=self.cfg.trainer.freeze_epochs > 0)
