@@ -40,6 +40,7 @@ BAD_METADATA = [
     ("preprocess", json.dumps({**PREPROCESS, "mean": "x"}), "mean="),
     ("class_names", "5", "class_names must be a list of strings"),
     ("model_kwargs", "[1]", "model_kwargs a dict"),
+    ("version", "2", "version 2 is not one this cdnv2 reads"),  # from a newer cdnv2: refused, not half-read
 ]
 
 

@@ -58,6 +58,7 @@ def test_predict_command_agrees_with_eval_and_lists_the_corrupt_file(run, val_wi
     _no_traceback(r)
     assert "cdnv2-predict" in r.stdout and "top-1 predictions per class" in r.stdout
     assert "unreadable: " in r.stdout and "broken.png" in r.stdout
+    assert "data.on_corrupt" not in r.stdout  # a training option means nothing to predict
 
     doc = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     rows = doc["rows"]

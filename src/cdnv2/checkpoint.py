@@ -363,7 +363,19 @@ def validate(obj: Any, where: str) -> None:
         raise CheckpointError(f"{where}: unknown structure {obj['structure']!r}; expected one of {structures}")
     if not isinstance(obj["model_state"], dict):
         raise CheckpointError(f"{where}: model_state is not a state dict")
+    if obj["kind"] == Kind.COMPACT.value:
+        _check_artifact_version(obj.get("version"), where)
     _validate_metadata(obj, where)
+
+
+def _check_artifact_version(version: Any, where: str) -> None:
+    """A compact artifact from a newer cdnv2 may hold fields this one would ignore: refuse it."""
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= ARTIFACT_VERSION:
+        raise CheckpointError(
+            f"{where}: compact artifact version {version!r} is not one this cdnv2 reads (1 to "
+            f"{ARTIFACT_VERSION}); it was written by a newer cdnv2 or edited: upgrade cdnv2 "
+            "(pip install -U cdnv2) or re-export it with this version's cdnv2-convert"
+        )
 
 
 def _validate_metadata(obj: dict, where: str) -> None:

@@ -257,10 +257,13 @@ class Predictor:
         return out
 
 
+PREDICT_FIX = "replace or delete it (cdnv2-predict lists it as unreadable and classifies the others)."
+
+
 def _decode(image: Any):
     """A file path -> RGB PIL image; other inputs as the eval transform takes them."""
     if isinstance(image, (str, Path)):
-        return load_image(str(image))
+        return load_image(str(image), fix=PREDICT_FIX)
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray):

@@ -32,8 +32,13 @@ _LAYOUT = (
 )
 
 
-def load_image(path: str) -> Image.Image:
-    """Decode ``path`` to RGB, or raise a DataError naming the file."""
+# What to do about an unreadable image in a training or evaluation dataset.
+DATASET_FIX = ("replace or delete it, or set data.on_corrupt=skip to skip unreadable images (each one "
+               "is counted and logged).")
+
+
+def load_image(path: str, fix: str = DATASET_FIX) -> Image.Image:
+    """Decode ``path`` to RGB, or raise a DataError naming the file and ending with ``fix``."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
@@ -42,8 +47,7 @@ def load_image(path: str) -> Image.Image:
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
         raise DataError(
             f"Cannot read the image {path} ({type(e).__name__}: {e}). The file is unreadable or "
-            "truncated: replace or delete it, or set data.on_corrupt=skip to skip unreadable "
-            "images (each one is counted and logged)."
+            f"truncated: {fix}"
         ) from None
 
 
