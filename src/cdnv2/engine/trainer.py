@@ -18,28 +18,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import atomic_files
 from .. import signals as stop_signals
 from ..compact import Structure
-from ..condense import Condenser, ModelEMA, condensing_layers, layer_kind
+from ..condense import Condenser, ModelEMA, layer_kind
 from ..data import build_data, mixup_cutmix
 from ..errors import ConfigError, LoaderWorkerDied, NonFiniteLossError, TrainingInterrupted
 from ..evaluate import EvalResult, evaluate
-from ..flops import count_cost
 from ..models import create_model
-from .. import checkpoint as ckpt
 from . import run_dir as rundir
 from .accumulate import accumulate_backward, check_accum
 from .bn_recal import recalibrate_after_condense
 from .callbacks import Callback
 from .config import TrainConfig, config_to_dict
 from .distill import distill_loss, load_teacher, teacher_logits
-from .distributed import all_reduce_sum, any_rank_each, barrier, cleanup, distributed_env, init_distributed
-from .epoch_log import EpochLog
-from .finalize import (
-    convert_and_eval, masked_report, masks_identical, read_report, summary_table, write_report,
+from .distributed import (
+    all_reduce_sum, any_rank_each, barrier, cleanup, distributed_env, init_distributed, wrap_ddp,
 )
-from .health import HealthWindow, StepHealth
-from .hparams import log_tensorboard_hparams
+from .epoch_log import EpochLog
+from .finalize import finish_run, show_finished
+from .health import HealthWindow, StepHealth, apply_nan_policy
 from .init_from import init_model
 from .logger import MetricLogger, Progress, log
 from .mlflow_logger import MlflowLogger, WithMlflow
@@ -64,6 +62,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, callbacks: Iterable[Callback] = (),
                  run: rundir.RunDir | None = None):
+        """Set the run up in the order it needs: config check, ranks and device, the folder's
+        lock, data and step counts, the seeded model, condenser, teacher, the TrainState, then
+        resume and logs. Over 60 lines because it is that sequence; each step is one helper
+        or a few lines."""
         validate_config(cfg)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -209,14 +211,7 @@ class Trainer:
             if self.cfg.trainer.sync_bn and self.structure is Structure.MASKED:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the Parameter objects
                 self.state.model = model
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # Integer buffers (stages, compact indices) are structure, identical on every
-            # rank by construction (checked at the end); Gloo cannot broadcast int16. DDP has
-            # no public way to leave some buffers out of its broadcasts (broadcast_buffers=False
-            # would leave BN statistics per rank): this documented static method is the one way.
-            structural = [n for n, b in model.named_buffers() if not b.is_floating_point()]
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, structural)
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            model = wrap_ddp(model, self.device)
         if self.cfg.trainer.compile:
             model = torch.compile(model)
         return model
@@ -278,12 +273,12 @@ class Trainer:
         path = self.ckpt_dir / name
         state = checkpoint_state(self)
         if name == "last.pt":
-            ckpt.save_rotating(state, path)
+            atomic_files.save_rotating(state, path)
             self.last_checkpoint = path
         else:
-            ckpt.atomic_save(state, path)
+            atomic_files.atomic_save(state, path)
             if not (self.ckpt_dir / "last.pt").exists():  # a snapshot never exists without a last.pt
-                ckpt.save_rotating(state, self.ckpt_dir / "last.pt")
+                atomic_files.save_rotating(state, self.ckpt_dir / "last.pt")
                 self.last_checkpoint = self.ckpt_dir / "last.pt"
         return path
 
@@ -350,14 +345,7 @@ class Trainer:
             self._check_stop()
 
     def _already_finished(self) -> dict:
-        report = read_report(self.run_dir)
-        if self.is_main:
-            log.info(
-                "%s already finished (step %d of %d): nothing to do, its outputs are untouched. To train "
-                "it again add resume=never (moves it aside), or name=... for a new run directory",
-                self.run_dir, self.step, self.total_steps,
-            )
-            print(summary_table(report), flush=True)
+        report = show_finished(self.run_dir, self.step, self.total_steps, self.is_main)
         cleanup(self.dist)
         return report
 
@@ -466,17 +454,7 @@ class Trainer:
                 f"non-finite loss at step {step} (epoch {(step - 1) // self.steps_per_epoch + 1}, "
                 f"lr {lr:.4g}); the last good checkpoint is {self.last_checkpoint or 'none yet'}"
             )
-            if self.cfg.trainer.nan_policy == "raise":
-                raise NonFiniteLossError(
-                    where + ". Lower optim.lr or enable optim.grad_clip, then re-run to resume; or set "
-                    "trainer.nan_policy=skip to skip such steps."
-                )
-            if self.bad_steps > self.cfg.trainer.max_bad_steps:
-                raise NonFiniteLossError(
-                    where + f"; {self.bad_steps} steps skipped, more than trainer.max_bad_steps="
-                    f"{self.cfg.trainer.max_bad_steps}"
-                )
-            log.warning("%s: step skipped (%d so far)", where, self.bad_steps)
+            apply_nan_policy(where, self.bad_steps, self.cfg.trainer.nan_policy, self.cfg.trainer.max_bad_steps)
 
     def after_step(self) -> None:
         """Count the step, apply due condensation stages, maybe swap to compact layers."""
@@ -588,34 +566,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the end
     def finalize(self) -> dict:
-        """Evaluate the masked model, convert, check parity, evaluate the compact model."""
-        if self.structure is Structure.MASKED:
-            self.condenser.step(self.total_steps)  # no-op unless the schedule was cut short
-        model = self.eval_model()
-        masked = self.run_eval(model, "eval masked")
-        arch = self.model.arch_kwargs()
-        reference = create_model(self.cfg.model.name, **arch)
-        report = masked_report(
-            self.cfg, masked, count_cost(reference, tuple(self.data.input_size)), steps=self.step,
-            train_seconds=self.state.train_seconds, weights="ema" if self.ema is not None else "raw",
-            best_top1=self.state.best_top1, init=self.init_report.as_dict() if self.init_report else None,
-            run_dir=self.run_dir,
-        )
-        has_masks = bool(condensing_layers(reference))
-        if self.dist.enabled:
-            report["masks_identical_across_ranks"] = masks_identical(self.model, self.dist, self.device)
-        if has_masks:
-            report["compact"] = convert_and_eval(
-                model, self.cfg, self.data, arch, self.device, self.run_eval, report,
-                self.run_dir / "model_compact.pt", write=self.is_main,
-            )
-        if self.is_main:
-            write_report(self.run_dir, report)
-            print(summary_table(report), flush=True)
-            if self.logger.enabled:  # recipes: hyper-parameters with the final numbers
-                log_tensorboard_hparams(self.logger.tb, config_to_dict(self.cfg), report)
-            if self.mlflow is not None:
-                self.mlflow.finish(report, self.step)
+        """Evaluate the masked model, convert, check parity, evaluate the compact model, report
+        (:func:`cdnv2.engine.finalize.finish_run`); then the ``on_fit_end`` callbacks."""
+        report = finish_run(self)
         self._callback("on_fit_end", report)
         cleanup(self.dist)
         return report
