@@ -36,7 +36,7 @@ import torchvision
 
 import cdnv2
 from cdnv2.deploy import export_onnx
-from cdnv2.deploy.runtime import openvino_op_profile, openvino_session, ort_session
+from cdnv2.deploy.sessions import openvino_op_profile, openvino_session, ort_session
 
 PEERS = {"cdnv2_a": "shufflenet_v2_x0_5", "cdnv2_b": "shufflenet_v2_x1_0", "cdnv2_c": "mobilenet_v2"}
 RUNTIMES = ("eager", "ort", "ov", "ov-bf16", "compile", "aoti", "xnnpack")  # ov-bf16: OpenVINO at bfloat16
