@@ -21,7 +21,7 @@ from torch import nn
 from .. import atomic_files
 from .. import signals as stop_signals
 from ..compact import Structure
-from ..condense import Condenser, ModelEMA, layer_kind
+from ..condense import Condenser, ModelEMA
 from ..data import build_data, mixup_cutmix
 from ..errors import ConfigError, LoaderWorkerDied, NonFiniteLossError, TrainingInterrupted
 from ..evaluate import EvalResult, evaluate
@@ -48,6 +48,7 @@ from .resume import (
 )
 from .runtime import AUTOCAST_DTYPES, resolve_compact_training, resolve_device
 from .state import TrainState
+from .train_log import log_run_start, progress_loss, train_metrics
 from .validation import validate_config
 
 
@@ -129,7 +130,7 @@ class Trainer:
         self._resume()
         self.train_model = self._wrap(self.model)
         self._open_logs()
-        self._log_start()
+        log_run_start(self)
 
     # The TrainState's objects and counters, read-only, for callbacks and the loop below;
     # everything that changes them writes self.state.
@@ -189,22 +190,6 @@ class Trainer:
         if self.is_main:
             log.info("weights from init=%s\n%s", self.cfg.init, report.table())
         return report
-
-    def _log_start(self) -> None:
-        """One line with what the run will do, so a wrong dataset or lr shows at once."""
-        if not self.is_main:
-            return
-        fires: dict[str, set[int]] = {}
-        for name, layer in self.condenser.layers:
-            fires.setdefault(layer_kind(layer), set()).update(self.condenser.fire_at[name])
-        schedule = "; ".join(f"{kind} at steps {sorted(steps)}" for kind, steps in sorted(fires.items()))
-        log.info(
-            "run %s: data=%s with %d train / %d val images, %d classes; lr %.4g; %d steps "
-            "(%d epochs x %d); condensation: %s",
-            self.run_dir, self.cfg.data.name, len(self.data.train_loader.dataset),
-            len(self.data.val_loader.dataset), self.data.num_classes, self.peak_lr, self.total_steps,
-            self.cfg.trainer.epochs, self.steps_per_epoch, schedule or "none (no condensing layers)",
-        )
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.dist.enabled:
@@ -511,16 +496,7 @@ class Trainer:
     def _log_train(self, images: int, since: float) -> HealthWindow:
         """Log the mean loss of the good steps since the last look; returns that window."""
         window = self._collect_health()  # waits for the device: the rate below is real
-        metrics = {
-            "train/lr": self.optimizer.param_groups[0]["lr"],
-            "train/images_per_second": images / max(time.perf_counter() - since, 1e-9),
-        }
-        if window.loss is not None:
-            metrics["train/loss"] = window.loss
-        if self.condenser.lasso_active(self.step) and self.structure is Structure.MASKED:
-            with torch.no_grad():
-                metrics["train/lasso"] = float(self.condenser.lasso_penalty())
-        self.logger.log(self.step, self._epoch_float(), metrics)
+        self.logger.log(self.step, self._epoch_float(), train_metrics(self, window, images, since))
         return window
 
     def eval_model(self) -> nn.Module:
@@ -572,14 +548,6 @@ class Trainer:
         self._callback("on_fit_end", report)
         cleanup(self.dist)
         return report
-
-
-def progress_loss(window: HealthWindow) -> dict[str, str]:
-    """What the progress line shows of a log window: its mean loss, ``skip`` only when every
-    step in it was skipped, nothing when a checkpoint or a condensation step already looked."""
-    if window.loss is not None:
-        return {"loss": f"{window.loss:.3f}"}
-    return {"loss": "skip"} if window.bad_steps else {}
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, callbacks: Iterable[Callback] = ()) -> dict:
