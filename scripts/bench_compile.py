@@ -18,7 +18,6 @@ Compiling is slow on a loaded 2-core machine (minutes per model and batch size).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -28,38 +27,18 @@ import time
 import torch
 import torchvision
 
-import cdnv2
 from cdnv2.compact import convert_model
 
-PEERS = {"cdnv2_a": "shufflenet_v2_x0_5", "cdnv2_b": "shufflenet_v2_x1_0", "cdnv2_c": "mobilenet_v2"}
+from _bench import PEERS, condensed, load_average, parser, time_round_robin
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["cdnv2_a", "cdnv2_b", "cdnv2_c"], choices=sorted(PEERS))
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 32])
-    p.add_argument("--size", type=int, default=224, help="input height and width")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per model (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs after compiling")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p = parser(__doc__, variants=["cdnv2_a", "cdnv2_b", "cdnv2_c"], variant_choices=sorted(PEERS),
+               warmup="untimed runs after compiling")
     p.add_argument("--no-masked", action="store_true", help="skip the masked model")
     p.add_argument("--no-freezing", action="store_true", help="compile without Inductor's freezing")
     p.add_argument("--profile", action="store_true", help="print the compiled compact model's top ops")
     return p.parse_args(argv)
-
-
-def time_round_robin(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            fn()  # each timed call follows an untimed one of the same model
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def compiled(model: torch.nn.Module, x: torch.Tensor, fullgraph: bool = False):
@@ -83,8 +62,7 @@ def profile(fn, x: torch.Tensor, label: str) -> None:
 
 
 def rows_for(name: str, args) -> list[str]:
-    torch.manual_seed(0)
-    masked = cdnv2.condense_fully(cdnv2.create_model(name)).eval()
+    masked = condensed(name)
     compact = convert_model(masked)  # parity checked on a small input
     peer = getattr(torchvision.models, PEERS[name])(weights=None).eval()
     rows = []
@@ -117,12 +95,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch._inductor.config.freezing = not args.no_freezing
-    load = os.getloadavg()
     out = [
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, torch.get_num_threads() = "
         f"{torch.get_num_threads()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; fp32, "
         f"torch.compile (Inductor, freezing {'off' if args.no_freezing else 'on'}), {args.size}x{args.size}; "
-        f"ms per batch, median (min) of {args.repeats} warm round-robin runs; load average at start {load[0]:.2f}",
+        f"ms per batch, median (min) of {args.repeats} warm round-robin runs; load average at start {load_average():.2f}",
         "",
         "| model | batch | compiled compact ms | peer | compiled peer ms | compact / peer | compiled masked ms "
         "| compact / masked | eager compact ms | compiled vs eager max rel diff |",
@@ -132,7 +109,7 @@ def main(argv=None) -> int:
         for name in args.variants:
             out += rows_for(name, args)
     out.append("")
-    out.append(f"load average at end {os.getloadavg()[0]:.2f}")
+    out.append(f"load average at end {load_average():.2f}")
     print("\n".join(out))
     return 0
 

@@ -15,34 +15,25 @@ the same model (warm caches, as in a server); each number is the median of --rep
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torchvision
 
-import cdnv2
 from cdnv2.checkpoint import save_compact
 from cdnv2.compact import convert_model, release_workspace, to_compact_training
 
-PEERS = {"cdnv2_a": "shufflenet_v2_x0_5", "cdnv2_b": "shufflenet_v2_x1_0", "cdnv2_c": "mobilenet_v2"}
+from _bench import PEERS, condensed, load_average, parser, time_round_robin
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["cdnv2_a", "cdnv2_b", "cdnv2_c"])
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 32])
-    p.add_argument("--size", type=int, default=224, help="input height and width")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per model (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs first")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p = parser(__doc__, variants=["cdnv2_a", "cdnv2_b", "cdnv2_c"], warmup="untimed runs first")
     p.add_argument("--no-peers", action="store_true", help="skip the torchvision models")
     p.add_argument("--no-infer", action="store_true", help="skip the inference and artifact tables")
     p.add_argument("--no-train", action="store_true", help="skip the training-step comparison")
@@ -51,31 +42,6 @@ def parse_args(argv=None):
     p.add_argument("--train-repeats", type=int, default=5)
     return p.parse_args(argv)
 
-
-def condensed(name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return cdnv2.condense_fully(cdnv2.create_model(name)).eval()
-
-
-def time_round_robin(fns: dict, repeats: int, warmup: int, *, rewarm: bool = True) -> dict[str, list[float]]:
-    """ms per call of each function, measured in interleaved rounds.
-
-    Interleaving spreads the load of other processes over all models alike; with
-    ``rewarm`` each timed call follows an untimed one of the same model, so no model is
-    timed with caches just flushed by another (a server runs one model warm).
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            if rewarm:
-                fn()
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def fmt(ms: list[float]) -> str:
@@ -152,12 +118,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    load = os.getloadavg()
     header = [
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"torch.get_num_threads() = {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs; fp32, eager, {args.size}x{args.size}; ms per batch, median (min) of "
-        f"{args.repeats} warm round-robin runs, ratios from the medians; load average at start {load[0]:.2f}",
+        f"{args.repeats} warm round-robin runs, ratios from the medians; load average at start {load_average():.2f}",
         "",
     ]
     out = list(header)
@@ -166,7 +131,7 @@ def main(argv=None) -> int:
         out += artifact_rows(args) + [""]
     if not args.no_train:
         out += train_rows(args) + [""]
-    out.append(f"load average at end {os.getloadavg()[0]:.2f}")
+    out.append(f"load average at end {load_average():.2f}")
     print("\n".join(out))
     return 0
 

@@ -20,13 +20,11 @@ calibration images: speed only; accuracy is cdnv2-convert's table).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -36,20 +34,16 @@ import torchvision
 
 import cdnv2
 from cdnv2.deploy import export_onnx
-from cdnv2.deploy.runtime import openvino_op_profile, openvino_session, ort_session
+from cdnv2.deploy.sessions import openvino_op_profile, openvino_session, ort_session
 
-PEERS = {"cdnv2_a": "shufflenet_v2_x0_5", "cdnv2_b": "shufflenet_v2_x1_0", "cdnv2_c": "mobilenet_v2"}
+from _bench import PEERS, condensed, load_average, parser, time_round_robin
+
 RUNTIMES = ("eager", "ort", "ov", "ov-bf16", "compile", "aoti", "xnnpack")  # ov-bf16: OpenVINO at bfloat16
 COMPILED = ("compile", "aoti", "xnnpack")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["cdnv2_b"])
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 32])
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=None, help="threads of every runtime (default: each one's own)")
+    p = parser(__doc__, variants=["cdnv2_b"], threads_help="threads of every runtime (default: each one's own)")
     p.add_argument("--forms", nargs="+", default=["auto"],
                    help="forms of the compact export: auto or <lgc>/<3x3> (dense/grouped, ...), "
                         "optionally with :bn or :conv, the pre-activation form (auto:bn)")
@@ -63,10 +57,6 @@ def parse_args(argv=None):
                    help="compiled runtimes: also the compact model's own forward (non-strict torch.export)")
     return p.parse_args(argv)
 
-
-def condensed(name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return cdnv2.condense_fully(cdnv2.create_model(name)).eval()
 
 
 def plain_onnx(model: torch.nn.Module, path: Path, size: int) -> Path:
@@ -194,19 +184,6 @@ def callables(files: dict, eager: dict, args) -> dict:
     return fns
 
 
-def time_round_robin(fns: dict, x: np.ndarray, repeats: int) -> dict:
-    for fn in fns.values():
-        fn(x)
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            fn(x)  # warm: each timed call follows an untimed one of the same model
-            t0 = time.perf_counter()
-            fn(x)
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def table(name: str, batch: int, times: dict, labels: list[str], args) -> list[str]:
     peer = PEERS[name]
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -291,7 +268,7 @@ def main(argv=None) -> int:
            f"{versions}, "
            f"{cpu_name()}, {os.cpu_count()} CPUs, threads "
            f"{args.threads or 'runtime default'}; fp32 unless int8, {args.size}x{args.size}, ms per batch, "
-           f"median (min) of {args.repeats} warm round-robin runs; load average at start {os.getloadavg()[0]:.2f}", ""]
+           f"median (min) of {args.repeats} warm round-robin runs; load average at start {load_average():.2f}", ""]
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         for name in args.variants:
             files, eager = build_files(name, args, Path(tmp))
@@ -302,14 +279,15 @@ def main(argv=None) -> int:
             out += header(labels, name)
             for batch in args.batch:
                 x = np.random.default_rng(0).standard_normal((batch, 3, args.size, args.size), dtype=np.float32)
-                times = time_round_robin({**fns, **compiled[batch]}, x, args.repeats)
+                calls = {k: (lambda f=f: f(x)) for k, f in {**fns, **compiled[batch]}.items()}
+                times = time_round_robin(calls, args.repeats, warmup=1)
                 rows = table(name, batch, times, labels, args)
                 print("\n".join(rows), file=sys.stderr, flush=True)
                 out += rows
                 if args.profile:
                     out += [""] + profiles(files, x, args) + [""]
             out.append("")
-    out.append(f"load average at end {os.getloadavg()[0]:.2f}")
+    out.append(f"load average at end {load_average():.2f}")
     print("\n".join(out))
     return 0
 

@@ -97,7 +97,7 @@ def test_openvino_sessions_freed_in_any_order_leave_signal_handlers_working(comp
     import os
     import signal
 
-    from cdnv2.deploy.runtime import openvino_session
+    from cdnv2.deploy.sessions import openvino_session
 
     (c,) = export_and_check(compact, ["openvino"], tmp_path / "tiny", SIZE)
     x = np.zeros((1, *SIZE), np.float32)

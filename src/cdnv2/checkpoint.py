@@ -13,14 +13,12 @@ True)`` reads it) with ``format="cdnv2"``, a :class:`Kind` and the model's
 Official CondenseNetV2 release files (``kind`` "official" once read) are foreign: they are
 recognised and mapped by :mod:`cdnv2.compact.official` after :func:`read_file` read them.
 
-Writes go to a temporary file in the same folder, are fsync'ed and then renamed over the
-target, so a kill at any moment leaves either the old or the new file, never a partial
-one. ``last.pt`` is rotated to ``prev.pt`` first, so a resume can fall back one
-checkpoint when the newest is unreadable.
+Writes are atomic (:mod:`cdnv2.atomic_files`: a temporary file, fsync, rename), so a
+kill at any moment leaves either the old or the new file, never a partial one.
 
 Entry points: :func:`load_checkpoint` (trainer resume), :func:`load_model`
 (``cdnv2.load_model``), :func:`open_checkpoint` (the commands: any file, with what it
-records), :func:`load_official_checkpoint`, :func:`save_compact`, :func:`atomic_save`.
+records), :func:`load_official_checkpoint`, :func:`save_compact`.
 """
 from __future__ import annotations
 
@@ -40,7 +38,7 @@ from torch import nn
 
 from .compact import Structure, model_structure, restructure_for_state_dict
 from .compact import official
-from . import safetensors_io
+from . import atomic_files, safetensors_io
 from .data.config import memory_bytes
 from .data.transforms import check_eval_preprocess
 from .errors import CheckpointError, DataError
@@ -52,7 +50,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "cdnv2"
 ARTIFACT_VERSION = 1
-TMP_MARK = ".tmp-"
 WEIGHTS = ("auto", "ema", "raw")
 SAVE_FORMATS = ("auto", "pt", "safetensors")
 
@@ -109,75 +106,6 @@ def check_resumable(obj: dict, where: str) -> None:
         )
 
 
-# ============================================================================= writing
-def atomic_save(obj: Any, path: str | Path, *, keep_previous_as: str | None = None) -> None:
-    """Write ``obj`` to ``path`` atomically (temp file, fsync, rename).
-
-    With ``keep_previous_as``, an existing ``path`` is renamed to that name beside it
-    once the new file is complete, just before the new file takes its place.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep_previous_as and path.exists():
-            os.replace(path, path.with_name(keep_previous_as))
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        why = _write_failure(e)
-        if why is None:
-            raise
-        raise CheckpointError(
-            f"could not write checkpoint {path}: {why}. The previous checkpoint in that folder is "
-            "intact; free disk space, raise the file size limit (ulimit -f) or fix permissions, "
-            "and re-run the same command to resume."
-        ) from e
-
-
-def _write_failure(e: BaseException) -> str | None:
-    """Why writing failed when the file system refused it: an OSError, or torch's writer's
-    ``RuntimeError`` ("[enforce fail at inline_container.cc...]"), which carries the
-    OSError it hit as its context when it has one. None: not a write failure (a bug)."""
-    seen, depth = e, 0
-    while seen is not None and depth < 8:
-        if isinstance(seen, OSError):
-            return seen.strerror or str(seen)
-        seen, depth = seen.__cause__ or seen.__context__, depth + 1
-    text = str(e)
-    if isinstance(e, RuntimeError) and re.search(r"inline_container|PytorchStreamWriter|file write failed", text):
-        first = (text.strip().splitlines() or [""])[0][:200]
-        return f"the file could not be written completely ({first})"
-    return None
-
-
-def save_rotating(obj: Any, path: str | Path) -> None:
-    """Save ``path`` keeping its previous version as ``prev.pt`` beside it."""
-    atomic_save(obj, path, keep_previous_as="prev.pt")
-
-
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete temporary files left by a writer that was killed.
-
-    Only safe while holding the folder's run lock: another live writer's in-flight
-    file looks the same.
-    """
-    removed = []
-    for p in Path(folder).glob(f".*{TMP_MARK}*"):
-        p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
-
-
 def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, model_name: str, model_kwargs: dict,
                  class_names: list[str] | None = None, preprocess: dict | None = None,
                  metrics: dict | None = None, data: dict | None = None, seed: int | None = None,
@@ -218,7 +146,7 @@ def save_compact(path: str | os.PathLike, compact_model: nn.Module, *, model_nam
     if format == "safetensors":
         path.parent.mkdir(parents=True, exist_ok=True)
         return safetensors_io.write(obj, path)
-    atomic_save(obj, path)
+    atomic_files.atomic_save(obj, path)
     return path
 
 

@@ -35,6 +35,21 @@ class EvalResult:
 
 
 @torch.no_grad()
+def _score(logits: torch.Tensor, targets: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor | None) -> None:
+    """Add one batch to ``sums`` (correct top-1, correct top-5, summed loss, images) and to
+    the flattened confusion matrix ``counts`` when there is one; no host reads."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = top == targets[:, None]
+    sums[0] += hit[:, 0].sum()
+    sums[1] += hit.any(dim=1).sum()
+    sums[2] += F.cross_entropy(logits, targets, reduction="sum")
+    sums[3] += targets.numel()
+    if counts is not None:
+        c = logits.shape[1]
+        # index_put_ has a deterministic CUDA kernel; bincount does not
+        counts.index_put_((targets * c + top[:, 0],), torch.ones_like(targets, dtype=torch.int64), accumulate=True)
+
+
 def evaluate(
     model: nn.Module,
     loader,
@@ -67,20 +82,10 @@ def evaluate(
         targets = targets.to(device, non_blocking=True)
         with ctx:
             logits = model(images)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == targets[:, None]
-        sums[0] += hit[:, 0].sum()
-        sums[1] += hit.any(dim=1).sum()
-        sums[2] += F.cross_entropy(logits, targets, reduction="sum")
-        sums[3] += targets.numel()
-        if confusion:
-            c = logits.shape[1]
-            if counts is None:
-                counts = torch.zeros(c * c, dtype=torch.int64, device=device)
-            # index_put_ has a deterministic CUDA kernel; bincount does not
-            counts.index_put_((targets * c + top[:, 0],), torch.ones_like(targets, dtype=torch.int64), accumulate=True)
+        c = logits.shape[1]
+        if confusion and counts is None:
+            counts = torch.zeros(c * c, dtype=torch.int64, device=device)
+        _score(logits.float(), targets, sums, counts)
         if progress is not None:
             progress.update(1)
     if reduce is not None:

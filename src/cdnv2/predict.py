@@ -86,7 +86,7 @@ def load_torch(path: Path, device: torch.device, weights: str) -> Backend:
 def load_onnx(path: Path, device: torch.device, weights: str) -> Backend:
     """An exported ONNX file in ONNX Runtime (CPU), with its sidecar's preprocessing."""
     from .deploy import require
-    from .deploy.runtime import ort_session
+    from .deploy.sessions import ort_session
 
     side = _read_sidecar(path)
     require(("onnx",))
@@ -97,7 +97,7 @@ def load_onnx(path: Path, device: torch.device, weights: str) -> Backend:
 def load_openvino(path: Path, device: torch.device, weights: str) -> Backend:
     """An exported OpenVINO IR (.xml + .bin) on OpenVINO's CPU plugin."""
     from .deploy import require
-    from .deploy.runtime import openvino_session
+    from .deploy.sessions import openvino_session
 
     side = _read_sidecar(path)
     require(("openvino",))

@@ -278,26 +278,7 @@ def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Opti
     data_cfg, source = resolve_data_config(loaded, data, data_overrides)
     seed = cfg.seed if cfg.seed is not None else (loaded.seed if loaded.seed is not None else 0)
     built = build_data(data_cfg, seed=seed, device_type=device.type)
-
-    if loaded.class_names is not None:
-        mismatch = describe_class_mismatch(loaded.class_names, built.class_names)
-        if mismatch:
-            raise ConfigError(
-                f"the classes of {loaded.path} do not match the dataset's (data={data_cfg.name}"
-                f"{f', root={data_cfg.root}' if data_cfg.root else ''}): {mismatch}. Evaluate on the "
-                "data the model was trained on."
-            )
-    elif loaded.num_classes != built.num_classes:
-        raise ConfigError(
-            f"{loaded.path} predicts {loaded.num_classes} classes but data={data_cfg.name} has "
-            f"{built.num_classes}; evaluate on the data the model was trained on"
-        )
-    if loaded.preprocess and built.eval_preprocess != loaded.preprocess and not (
-        set(data_overrides or {}) & set(PREPROCESS_KEYS)
-    ):
-        log.warning("eval preprocessing differs from the one recorded in the checkpoint: %s vs recorded %s",
-                    built.eval_preprocess, loaded.preprocess)
-
+    check_data_fits(loaded, built, data_cfg, data_overrides)
     autocast_dtype, channels_last = _eval_settings(cfg, loaded, device)
     model = loaded.model.to(device)
     if channels_last:
@@ -324,18 +305,8 @@ def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Opti
     }
     if cfg.cost:
         record["cost"], cost_table = cost_section(loaded, device, cfg.cost_batch, cfg.bench_seconds)
-    path = eval_json_path(cfg.out, loaded.path)
-    error = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record["files"], note = per_class.write_files(path, result.confusion, names,
-                                                      f"{loaded.model_name} on {data_cfg.name}")
-        path.write_text(json.dumps(record, indent=2) + "\n")
-        record["eval_json"] = str(path)
-    except OSError as e:  # checked up front, but the disk can fill meanwhile: show the result anyway
-        record["eval_json"] = f"not written ({e.strerror or e})"
-        error = ConfigError(f"cannot write {path}: {e.strerror or e}; the result is in the table above. "
-                            "Choose another place with out=PATH")
+    note, error = write_record(eval_json_path(cfg.out, loaded.path), record, result.confusion, names,
+                               f"{loaded.model_name} on {data_cfg.name}")
     print(summary_table(record), flush=True)
     print(class_tables(record, note), flush=True)
     if cfg.cost:
@@ -343,6 +314,48 @@ def run(cfg: EvalConfig, data: Optional[DataConfig] = None, data_overrides: Opti
     if error is not None:
         raise error
     return record
+
+
+def check_data_fits(loaded: Loaded, built, data_cfg: DataConfig, data_overrides: Optional[dict]) -> None:
+    """The data's classes are the model's (by name when it records them); warn when the eval
+    preprocessing differs from the recorded one without a preprocessing key overridden."""
+    if loaded.class_names is not None:
+        mismatch = describe_class_mismatch(loaded.class_names, built.class_names)
+        if mismatch:
+            raise ConfigError(
+                f"the classes of {loaded.path} do not match the dataset's (data={data_cfg.name}"
+                f"{f', root={data_cfg.root}' if data_cfg.root else ''}): {mismatch}. Evaluate on the "
+                "data the model was trained on."
+            )
+    elif loaded.num_classes != built.num_classes:
+        raise ConfigError(
+            f"{loaded.path} predicts {loaded.num_classes} classes but data={data_cfg.name} has "
+            f"{built.num_classes}; evaluate on the data the model was trained on"
+        )
+    if loaded.preprocess and built.eval_preprocess != loaded.preprocess and not (
+        set(data_overrides or {}) & set(PREPROCESS_KEYS)
+    ):
+        log.warning("eval preprocessing differs from the one recorded in the checkpoint: %s vs recorded %s",
+                    built.eval_preprocess, loaded.preprocess)
+
+
+def write_record(path: Path, record: dict, confusion, names: list[str],
+                 title: str) -> tuple[Optional[str], Optional[ConfigError]]:
+    """Write eval.json and the per-class files beside it; ``record`` gets their paths.
+
+    Returns the per-class files' note and, when the write failed (checked up front, but the
+    disk can fill meanwhile), the error to raise once the result has been shown."""
+    note = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record["files"], note = per_class.write_files(path, confusion, names, title)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        record["eval_json"] = str(path)
+    except OSError as e:
+        record["eval_json"] = f"not written ({e.strerror or e})"
+        return note, ConfigError(f"cannot write {path}: {e.strerror or e}; the result is in the table above. "
+                                 "Choose another place with out=PATH")
+    return note, None
 
 
 def model_description(r: dict) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ConfigError
-from .callbacks import collect_sweep, write_table
+from .hydra_callbacks import collect_sweep, write_table
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def objectives(run_dir: str | Path | None, cost: str) -> tuple[float, float] | N
     """(compact top-1, cost) of a finished run; None when it did not finish."""
     if run_dir is None:
         return None
-    from .callbacks import job_row
+    from .hydra_callbacks import job_row
 
     row = job_row(Path(run_dir))
     value = row.get(COSTS[cost][0], "")

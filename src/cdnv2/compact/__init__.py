@@ -13,7 +13,7 @@ compact containers and their fused inference path, and the official release impo
 ==================  =============================================================
 
 The tensor-level compact layers (CompactLGC, CompactSFR, ...) live in
-:mod:`cdnv2.layers.compact`; the checkpoint file format in :mod:`cdnv2.checkpoint`.
+:mod:`cdnv2.layers.condensed`; the checkpoint file format in :mod:`cdnv2.checkpoint`.
 """
 from .convert import (
     ParityError,

@@ -21,18 +21,11 @@ from torch import nn
 
 from ..condense import condensing_layers
 from ..errors import ParityError
-from ..layers import (
-    CompactLGC,
-    CompactLinear,
-    CompactSFR,
-    CompactTrainLGC,
-    LearnedGroupConv,
-    LearnedLinear,
-    SparseFeatureReactivation,
-)
+from ..layers import CompactLGC, CompactLinear, CompactSFR, CompactTrainLGC  # what they become
+from ..layers import LearnedGroupConv, LearnedLinear, SparseFeatureReactivation  # the masked forms
 from ..layers.index_kernels import gather_lgc_weight, gather_linear_weight, gather_sfr_weight
 from .dense import CompactDenseBlock, CompactDenseLayer, CompactFeatures
-from .fold import is_dense_layer
+from .fold import inference_lgc, inference_sfr, is_dense_layer
 
 __all__ = [
     "ParityError",
@@ -78,20 +71,6 @@ def _is_dense_layer(m: nn.Module) -> bool:
     return is_dense_layer(m) and not isinstance(m, CompactDenseLayer)
 
 
-def _to_eval_lgc(m: nn.Module) -> CompactLGC:
-    if isinstance(m, CompactLGC):
-        return m
-    if isinstance(m, CompactTrainLGC):  # BN on all inputs -> BN on the selected ones
-        return CompactLGC.from_training(m)
-    return CompactLGC.from_masked(m)
-
-
-def _to_eval_sfr(m: nn.Module | None) -> CompactSFR | None:
-    if m is None or isinstance(m, CompactSFR):
-        return m
-    return CompactSFR.from_masked(m)
-
-
 def _retype_sequential(model: nn.Module, name: str, seq: nn.Sequential, cls: type) -> None:
     new = cls()
     for child_name, child in seq.named_children():
@@ -125,15 +104,15 @@ def convert_model(model: nn.Module, *, check: bool = True, example_input: torch.
     compact = copy.deepcopy(model).eval()
     for name, m in list(compact.named_modules()):
         if _is_dense_layer(m):
-            layer = CompactDenseLayer(_to_eval_lgc(m.conv_1), m.conv_2, m.se, _to_eval_sfr(m.sfr))
+            layer = CompactDenseLayer(inference_lgc(m.conv_1), m.conv_2, m.se, inference_sfr(m.sfr))
             _set_child(compact, name, layer.eval())
     for name, m in list(compact.named_modules()):
         if isinstance(m, LearnedLinear):
             _set_child(compact, name, CompactLinear.from_masked(m).eval())
         elif isinstance(m, (LearnedGroupConv, CompactTrainLGC)):
-            _set_child(compact, name, _to_eval_lgc(m).eval())
+            _set_child(compact, name, inference_lgc(m).eval())
         elif isinstance(m, SparseFeatureReactivation):
-            _set_child(compact, name, CompactSFR.from_masked(m).eval())
+            _set_child(compact, name, inference_sfr(m).eval())
     _blocks_to_compact(compact)
     if check:
         x = example_input if example_input is not None else _default_input(model)

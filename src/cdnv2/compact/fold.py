@@ -28,16 +28,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..layers import (
-    CompactLGC,
-    CompactLinear,
-    CompactSFR,
-    CompactTrainLGC,
-    LearnedGroupConv,
-    LearnedLinear,
-    PreActConv,
-    SparseFeatureReactivation,
-)
+from ..layers import CompactLGC, CompactLinear, CompactSFR, CompactTrainLGC, LearnedGroupConv, LearnedLinear, PreActConv
 from ..layers.conv_unit import bn_affine
 
 __all__ = [
@@ -52,6 +43,8 @@ __all__ = [
     "expand_lgc_weight",
     "fold_bn",
     "fold_layer",
+    "inference_lgc",
+    "inference_sfr",
     "is_compact_dense_layer",
     "is_dense_layer",
     "masked_layer_state",
@@ -204,6 +197,22 @@ class FoldedLayer:
         return s, t
 
 
+def inference_lgc(m: nn.Module) -> CompactLGC:
+    """The inference form of any LGC form (a fully condensed masked one, compact-training, compact)."""
+    if isinstance(m, CompactLGC):
+        return m
+    if isinstance(m, CompactTrainLGC):  # BN on all inputs -> BN on the selected ones
+        return CompactLGC.from_training(m)
+    return CompactLGC.from_masked(m)
+
+
+def inference_sfr(m: nn.Module | None) -> CompactSFR | None:
+    """The inference form of any SFR form (None stays None)."""
+    if m is None or isinstance(m, CompactSFR):
+        return m
+    return CompactSFR.from_masked(m)
+
+
 def _lgc_pieces(lgc: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(index, BN scale and shift on the selected channels, grouped conv weight) of any LGC form."""
     if isinstance(lgc, CompactLGC):
@@ -218,8 +227,7 @@ def _lgc_pieces(lgc: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def _fold_sfr(sfr: nn.Module) -> FoldedSFR:
-    if not isinstance(sfr, CompactSFR):
-        sfr = CompactSFR.from_masked(sfr)
+    sfr = inference_sfr(sfr)
     s, t = fold_bn(sfr.norm, sfr.in_channels)
     k, g = sfr.in_channels, sfr.groups
     return FoldedSFR(

@@ -103,69 +103,88 @@ def _clamp_(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor | None) -> None:
 
 def _layer_into(layer: "CompactDenseLayer", plan: Plan, buf: torch.Tensor, c: int, scratch: _Workspace) -> None:
     """Run ``layer`` on buf[:, :c]: h goes to buf[:, c:c+k], buf[:, :c] is reactivated."""
+    b, _, hgt, wid = buf.shape
+    hw = hgt * wid
+    lgc = layer.conv_1
+    y2 = scratch.get("y2", (b, lgc.out_channels, hw))
+    if plan.lgc_mode == "dense":
+        _lgc_dense_into(layer, plan, buf[:, :c].flatten(2), y2, scratch)
+    else:
+        _lgc_gathered_into(layer, plan, buf, y2, scratch)
+    hbuf = buf[:, c:c + layer.conv_2.conv.out_channels]
+    _conv3_into(layer, plan, y2.view(b, lgc.out_channels, hgt, wid), hbuf)
+    if layer.sfr is not None:
+        _sfr_into(layer.sfr, plan, hbuf, buf, c, scratch)
+
+
+# ---- LGC with the 3x3 unit's BN folded -> y2 = act2(BN2(lgc(x))) (minus the bias when it
+# is pushed through the 3x3 conv), interleaved channel order
+def _lgc_dense_into(layer: "CompactDenseLayer", plan: Plan, xv: torch.Tensor, y2: torch.Tensor,
+                    scratch: _Workspace) -> None:
+    """The LGC as one dense GEMM over all ``c`` input channels ``xv`` (B, c, HW)."""
+    a = scratch.get("sel", xv.shape)
+    if plan.act1 == "relu":
+        torch.clamp(xv, min=plan.lo, out=a)
+        if plan.hi is not None:
+            a.clamp_(max=plan.hi)
+    else:
+        torch.addcmul(plan.t1, xv, plan.s1, out=a)
+        _apply_act_(plan.act1, layer.conv_1.act, a)
+    torch.matmul(plan.w1, a, out=y2)
+    if plan.bias_through:
+        y2.clamp_(min=plan.nb1)
+    else:
+        y2.add_(plan.b1)
+        _apply_act_(plan.act2, layer.conv_2.act, y2)
+
+
+def _lgc_gathered_into(layer: "CompactDenseLayer", plan: Plan, buf: torch.Tensor, y2: torch.Tensor,
+                       scratch: _Workspace) -> None:
+    """The LGC on its selected rows of ``buf``, one GEMM per group; small images use
+    group-major rows (one GEMM per group over all images)."""
     b, width, hgt, wid = buf.shape
     hw = hgt * wid
     lgc = layer.conv_1
-    g, o = lgc.groups, lgc.out_channels
-    n = o // g
-    xv = buf[:, :c].flatten(2)  # (B, c, HW); batch stride = buffer width
-    # ---- LGC with the 3x3 unit's BN folded -> y2 = act2(BN2(lgc(x))) (minus the bias
-    # when it is pushed through the 3x3 conv), interleaved channel order
-    y2 = scratch.get("y2", (b, o, hw))
-    if plan.lgc_mode == "dense":
-        a = scratch.get("sel", (b, c, hw))
-        if plan.act1 == "relu":
-            torch.clamp(xv, min=plan.lo, out=a)
-            if plan.hi is not None:
-                a.clamp_(max=plan.hi)
-        else:
-            torch.addcmul(plan.t1, xv, plan.s1, out=a)
-            _apply_act_(plan.act1, lgc.act, a)
-        torch.matmul(plan.w1, a, out=y2)
-        if plan.bias_through:
-            y2.clamp_(min=plan.nb1)
-        else:
-            y2.add_(plan.b1)
-            _apply_act_(plan.act2, layer.conv_2.act, y2)
+    g, selected = lgc.groups, lgc.selected
+    n, m = lgc.out_channels // g, selected // g
+    by_group = group_major(hw)
+    rows = plan.gather_rows(b, width, by_group)
+    if by_group:
+        sel = scratch.get("sel", (selected, b, hw))
+        bn_shape = (selected, 1, 1)
     else:
-        # Small images: group-major rows, one GEMM per group over all images.
-        by_group = group_major(hw)
-        m = lgc.selected // g
-        rows = plan.gather_rows(b, width, by_group)
-        if by_group:
-            sel = scratch.get("sel", (lgc.selected, b, hw))
-            bn_shape = (lgc.selected, 1, 1)
-        else:
-            sel = scratch.get("sel", (b, lgc.selected, hw))
-            bn_shape = (lgc.selected, 1)
-        torch.index_select(buf.view(b * width, hw), 0, rows, out=sel.view(b * lgc.selected, hw))
-        if plan.act1 == "relu":
-            _clamp_(sel, plan.lo.view(bn_shape), None if plan.hi is None else plan.hi.view(bn_shape))
-        else:
-            torch.addcmul(plan.t1.view(bn_shape), sel, plan.s1.view(bn_shape), out=sel)
-            _apply_act_(plan.act1, lgc.act, sel)
-        if by_group:
-            y = scratch.get("y", (g, n, b, hw))
-            torch.bmm(plan.w1, sel.view(g, m, b * hw), out=y.view(g, n, b * hw))
-            y_shuffled = y.permute(2, 1, 0, 3)  # (B, n, G, HW): channel d*G+g
-            bias = plan.b1.view(g, n, 1, 1)
-        else:
-            y = scratch.get("y", (b, g, n, hw))
-            torch.matmul(plan.w1, sel.view(b, g, m, hw), out=y)
-            y_shuffled = y.transpose(1, 2)
-            bias = plan.b1
-        y2v = y2.view(b, n, g, hw)
-        if plan.bias_through:
-            torch.clamp(y_shuffled, min=plan.nb1, out=y2v)
-        else:
-            y.add_(bias)
-            _act_into(plan.act2, layer.conv_2.act, y_shuffled, y2v)
-    # ---- 3x3 grouped conv (+ SE) -> h, written into the block buffer
+        sel = scratch.get("sel", (b, selected, hw))
+        bn_shape = (selected, 1)
+    torch.index_select(buf.view(b * width, hw), 0, rows, out=sel.view(b * selected, hw))
+    if plan.act1 == "relu":
+        _clamp_(sel, plan.lo.view(bn_shape), None if plan.hi is None else plan.hi.view(bn_shape))
+    else:
+        torch.addcmul(plan.t1.view(bn_shape), sel, plan.s1.view(bn_shape), out=sel)
+        _apply_act_(plan.act1, lgc.act, sel)
+    if by_group:
+        y = scratch.get("y", (g, n, b, hw))
+        torch.bmm(plan.w1, sel.view(g, m, b * hw), out=y.view(g, n, b * hw))
+        y_shuffled = y.permute(2, 1, 0, 3)  # (B, n, G, HW): channel d*G+g
+        bias = plan.b1.view(g, n, 1, 1)
+    else:
+        y = scratch.get("y", (b, g, n, hw))
+        torch.matmul(plan.w1, sel.view(b, g, m, hw), out=y)
+        y_shuffled = y.transpose(1, 2)
+        bias = plan.b1
+    y2v = y2.view(b, n, g, hw)
+    if plan.bias_through:
+        torch.clamp(y_shuffled, min=plan.nb1, out=y2v)
+    else:
+        y.add_(bias)
+        _act_into(plan.act2, layer.conv_2.act, y_shuffled, y2v)
+
+
+def _conv3_into(layer: "CompactDenseLayer", plan: Plan, y2: torch.Tensor, hbuf: torch.Tensor) -> None:
+    """The 3x3 grouped conv (+ SE) of ``y2`` (B, o, H, W) -> h, written into ``hbuf``."""
     conv3 = layer.conv_2.conv
-    k = conv3.out_channels
-    hbuf = buf[:, c:c + k]
-    if conv3_mode(layer, plan, hw) == "depthwise":
-        _conv3_depthwise_into(y2.view(b, o, hgt, wid), plan.w_dw, conv3.groups, hbuf)
+    _, _, hgt, wid = y2.shape
+    if conv3_mode(layer, plan, hgt * wid) == "depthwise":
+        _conv3_depthwise_into(y2, plan.w_dw, conv3.groups, hbuf)
         if plan.bias_through:
             hbuf.add_(plan.bias_map(conv3, hgt, wid))
         else:
@@ -174,38 +193,42 @@ def _layer_into(layer: "CompactDenseLayer", plan: Plan, buf: torch.Tensor, c: in
             if not isinstance(layer.se, nn.Identity):
                 hbuf.copy_(layer.se(hbuf))
     else:
-        h = F.conv2d(y2.view(b, o, hgt, wid), conv3.weight, None if plan.bias_through else conv3.bias,
-                     1, 1, 1, conv3.groups)
+        h = F.conv2d(y2, conv3.weight, None if plan.bias_through else conv3.bias, 1, 1, 1, conv3.groups)
         if plan.bias_through:
             torch.add(h, plan.bias_map(conv3, hgt, wid), out=hbuf)
         else:
             hbuf.copy_(layer.se(h))
-    if layer.sfr is None:
-        return
-    # ---- SFR: x += scatter(conv(act(BN3(h))))
-    sfr = layer.sfr
+
+
+def _sfr_into(sfr: nn.Module, plan: Plan, hbuf: torch.Tensor, buf: torch.Tensor, c: int,
+              scratch: _Workspace) -> None:
+    """SFR: buf[:, :c] += scatter(conv(act(BN3(h)))), h = ``hbuf``."""
+    b, width, hgt, wid = buf.shape
+    hw = hgt * wid
+    k = hbuf.shape[1]
+    xv = buf[:, :c].flatten(2)
     hv = hbuf.flatten(2)
     if plan.sfr_mode == "dense":
         a3 = scratch.get("a3", (b, k, hw))
         torch.addcmul(plan.t3, hv, plan.s3, out=a3)
         _apply_act_(plan.act3, sfr.act, a3)
         xv.baddbmm_(plan.w_sfr.expand(b, c, k), a3)
+        return
+    gs = sfr.groups
+    a3 = scratch.get("a3", (b, gs, k // gs, hw))
+    torch.addcmul(plan.t3, hv.view(b, k // gs, gs, hw).transpose(1, 2), plan.s3, out=a3)
+    _apply_act_(plan.act3, sfr.act, a3)
+    s = scratch.get("s", (b, gs, sfr.produced // gs, hw))
+    torch.matmul(plan.w_sfr, a3, out=s)
+    if b <= 4:  # one row index_add: fewer, bigger steps than channel slices of 1 image
+        key = ("sfr", b, width)
+        rows = plan.rows.get(key)
+        if rows is None:
+            base = torch.arange(b, device=buf.device) * width
+            rows = plan.rows[key] = (base[:, None] + plan.idx_s[None, :]).reshape(-1)
+        buf.view(b * width, hw).index_add_(0, rows, s.view(b * sfr.produced, hw))
     else:
-        gs = sfr.groups
-        a3 = scratch.get("a3", (b, gs, k // gs, hw))
-        torch.addcmul(plan.t3, hv.view(b, k // gs, gs, hw).transpose(1, 2), plan.s3, out=a3)
-        _apply_act_(plan.act3, sfr.act, a3)
-        s = scratch.get("s", (b, gs, sfr.produced // gs, hw))
-        torch.matmul(plan.w_sfr, a3, out=s)
-        if b <= 4:  # one row index_add: fewer, bigger steps than channel slices of 1 image
-            key = ("sfr", b, width)
-            rows = plan.rows.get(key)
-            if rows is None:
-                base = torch.arange(b, device=buf.device) * width
-                rows = plan.rows[key] = (base[:, None] + plan.idx_s[None, :]).reshape(-1)
-            buf.view(b * width, hw).index_add_(0, rows, s.view(b * sfr.produced, hw))
-        else:
-            xv.index_add_(1, plan.idx_s, s.view(b, sfr.produced, hw))
+        xv.index_add_(1, plan.idx_s, s.view(b, sfr.produced, hw))
 
 
 def _conv3_depthwise_into(y: torch.Tensor, w_dw: list, groups: int, out: torch.Tensor) -> None:

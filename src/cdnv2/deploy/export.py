@@ -349,7 +349,7 @@ def nonstandard_ops(op_types: dict[str, int]) -> list[str]:
 
 
 def check_onnx(path: str | Path, model: nn.Module, inputs: list[torch.Tensor]) -> ExportCheck:
-    from .runtime import ort_session
+    from .sessions import ort_session
 
     path = Path(path)
     run = ort_session(path)
@@ -404,7 +404,7 @@ def openvino_metadata(path: str | Path) -> dict[str, str]:
 
 
 def check_openvino(path: str | Path, model: nn.Module, inputs: list[torch.Tensor]) -> ExportCheck:
-    from .runtime import openvino_session
+    from .sessions import openvino_session
 
     path = Path(path)
     run = openvino_session(path)

@@ -47,7 +47,7 @@ _DENSE_3X3_WIDTH = {"onnxruntime": 0, "openvino": 4}
 
 
 def _session(path: Path, runtime: str, threads: int | None):
-    from .runtime import openvino_session, ort_session
+    from .sessions import openvino_session, ort_session
 
     return ort_session(path, threads, spin=False) if runtime == "onnxruntime" else openvino_session(path, threads)
 

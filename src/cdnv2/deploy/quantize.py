@@ -92,7 +92,7 @@ def quantize_openvino_file(src: str | Path, dst: str | Path, calib: list[np.ndar
     import openvino as ov
 
     from .graph import DeployError
-    from .runtime import openvino_core
+    from .sessions import openvino_core
 
     model = openvino_core().read_model(str(src))
     if _per_channel_affines(model):
@@ -185,7 +185,7 @@ def quantize_file(fmt: str, path: str | Path, calib: list[np.ndarray], source: s
 
 
 def _session(fmt: str, path: Path):
-    from .runtime import openvino_session, ort_session
+    from .sessions import openvino_session, ort_session
 
     return openvino_session(path) if fmt == "openvino" else ort_session(path, spin=False)
 

@@ -1,4 +1,4 @@
-"""torchrun integration: rank discovery, process group, reductions.
+"""torchrun integration: rank discovery, process group, reductions, the DDP wrapper.
 
 Rank and world size come from torchrun's complete environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) or not at all. Under Slurm the
@@ -15,6 +15,7 @@ from typing import Mapping
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..errors import ConfigError
 
@@ -93,6 +94,20 @@ def init_distributed(device_type: str) -> DistInfo:
             store = dist.PrefixStore(f"cdnv2/restart{restart}", store)
             dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=world)
     return info
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel, its integer buffers left out of DDP's broadcasts.
+
+    Integer buffers (stages, compact indices) are structure, identical on every rank by
+    construction (checked at the end of a run); Gloo cannot broadcast int16. DDP has no
+    public way to leave some buffers out of its broadcasts (broadcast_buffers=False would
+    leave BN statistics per rank): this documented static method is the one way.
+    """
+    ids = [device.index] if device.type == "cuda" else None
+    structural = [n for n, b in model.named_buffers() if not b.is_floating_point()]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, structural)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def barrier(info: DistInfo) -> None:

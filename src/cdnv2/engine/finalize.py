@@ -1,10 +1,10 @@
 """The end of a training run: compact conversion, parity, ``report.json`` and its table.
 
 After the last epoch :meth:`Trainer.finalize <cdnv2.engine.trainer.Trainer.finalize>`
-evaluates the masked model, converts it to the compact form (:func:`convert_and_eval`:
-parity on a validation batch, evaluation, ``model_compact.pt``) and writes
-``report.json`` last, atomically: its presence means the run finished, so a re-run of
-the same command only prints :func:`summary_table` again.
+calls :func:`finish_run`: it evaluates the masked model, converts it to the compact form
+(:func:`convert_and_eval`: parity on a validation batch, evaluation, ``model_compact.pt``)
+and writes ``report.json`` last, atomically: its presence means the run finished, so a
+re-run of the same command only prints :func:`summary_table` again (:func:`show_finished`).
 """
 from __future__ import annotations
 
@@ -12,20 +12,75 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed
 from torch import nn
 
 from .. import checkpoint as ckpt
-from ..compact import ParityError, check_parity, convert_model
+from ..atomic_files import TMP_MARK
+from ..compact import ParityError, Structure, check_parity, convert_model
+from ..condense import condensing_layers
 from ..data import Data
 from ..evaluate import EvalResult
 from ..flops import CostReport, count_cost
+from ..models import create_model
 from ..tables import format_table
-from .config import TrainConfig
+from .config import TrainConfig, config_to_dict
 from .distributed import DistInfo
+from .hparams import log_tensorboard_hparams
+from .logger import log
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+def finish_run(trainer: Trainer) -> dict:
+    """Evaluate the run's model (the EMA's weights when there is one), convert it, check parity,
+    evaluate the compact model; rank 0 writes report.json, prints the table and closes the
+    trackers. Returns the report."""
+    t = trainer
+    if t.structure is Structure.MASKED:
+        t.condenser.step(t.total_steps)  # no-op unless the schedule was cut short
+    model = t.eval_model()
+    masked = t.run_eval(model, "eval masked")
+    arch = t.model.arch_kwargs()
+    reference = create_model(t.cfg.model.name, **arch)
+    report = masked_report(
+        t.cfg, masked, count_cost(reference, tuple(t.data.input_size)), steps=t.step,
+        train_seconds=t.state.train_seconds, weights="ema" if t.ema is not None else "raw",
+        best_top1=t.state.best_top1, init=t.init_report.as_dict() if t.init_report else None,
+        run_dir=t.run_dir,
+    )
+    if t.dist.enabled:
+        report["masks_identical_across_ranks"] = masks_identical(t.model, t.dist, t.device)
+    if condensing_layers(reference):
+        report["compact"] = convert_and_eval(
+            model, t.cfg, t.data, arch, t.device, t.run_eval, report,
+            t.run_dir / "model_compact.pt", write=t.is_main,
+        )
+    if t.is_main:
+        write_report(t.run_dir, report)
+        print(summary_table(report), flush=True)
+        if t.logger.enabled:  # recipes: hyper-parameters with the final numbers
+            log_tensorboard_hparams(t.logger.tb, config_to_dict(t.cfg), report)
+        if t.mlflow is not None:
+            t.mlflow.finish(report, t.step)
+    return report
+
+
+def show_finished(run_dir: Path, step: int, total_steps: int, is_main: bool) -> dict:
+    """A re-run of a finished run: say so, print its table again, return its report."""
+    report = read_report(run_dir)
+    if is_main:
+        log.info(
+            "%s already finished (step %d of %d): nothing to do, its outputs are untouched. To train "
+            "it again add resume=never (moves it aside), or name=... for a new run directory",
+            run_dir, step, total_steps,
+        )
+        print(summary_table(report), flush=True)
+    return report
 
 
 def masked_report(cfg: TrainConfig, masked: EvalResult, cost: CostReport, *, steps: int, train_seconds: float,
@@ -108,7 +163,7 @@ def convert_and_eval(
 def write_report(run_dir: Path, report: dict) -> None:
     """report.json exists complete or not at all: its presence means "finished"."""
     path = run_dir / "report.json"
-    tmp = path.with_name(f".{path.name}{ckpt.TMP_MARK}{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, path)
 

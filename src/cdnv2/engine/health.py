@@ -5,7 +5,8 @@ the device to finish the step, which on a GPU serialises kernel launches with co
 :class:`StepHealth` keeps each step's non-finite flag and loss as device tensors; the
 trainer gates the optimizer and EMA with the flag (on the device) and calls
 :meth:`StepHealth.collect` at log points and before every checkpoint: one host sync for
-all the steps since the previous look.
+all the steps since the previous look. :func:`apply_nan_policy` decides what a skipped
+step means (``trainer.nan_policy``, ``trainer.max_bad_steps``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..errors import NonFiniteLossError
 from .distributed import DistInfo
+from .logger import log
 
 
 @dataclass
@@ -64,3 +67,19 @@ class StepHealth:
             loss=host[n] if good_n else None,
             good=good_n,
         )
+
+
+def apply_nan_policy(where: str, bad_steps: int, policy: str, max_bad_steps: int) -> None:
+    """One more step with a non-finite loss (``where`` says which; ``bad_steps`` counts it):
+    under ``raise``, or past ``max_bad_steps`` skipped ones, stop the run with
+    :class:`~cdnv2.errors.NonFiniteLossError`; otherwise warn that it was skipped."""
+    if policy == "raise":
+        raise NonFiniteLossError(
+            where + ". Lower optim.lr or enable optim.grad_clip, then re-run to resume; or set "
+            "trainer.nan_policy=skip to skip such steps."
+        )
+    if bad_steps > max_bad_steps:
+        raise NonFiniteLossError(
+            where + f"; {bad_steps} steps skipped, more than trainer.max_bad_steps={max_bad_steps}"
+        )
+    log.warning("%s: step skipped (%d so far)", where, bad_steps)

@@ -192,21 +192,11 @@ def init_model(model: nn.Module, path: str | Path, *, weights: str = "ema", clas
     head = model.classifier_name + "."
     reason = _head_reason(loaded, model, class_names)
     body = {k for k in target if not k.startswith(head)}
-    missing = sorted(body - set(source))
-    unexpected = sorted(k for k in set(source) - set(target) if not k.startswith(head))
-    shapes = [f"{k} {tuple(source[k].shape)} vs {tuple(target[k].shape)}"
-              for k in sorted(body & set(source)) if source[k].shape != target[k].shape]
-    if diffs or missing or unexpected or shapes:
-        parts = diffs[:6]
-        if missing:
-            parts.append(f"{len(missing)} tensors missing in the file (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} tensors the model lacks (e.g. {', '.join(unexpected[:3])})")
-        if shapes:
-            parts.append(f"{len(shapes)} of another shape (e.g. {'; '.join(shapes[:3])})")
+    misfits = diffs[:6] + _body_misfits(source, target, body, head)
+    if misfits:
         raise ConfigError(
             f"init={path} holds {loaded.model_name} weights that do not fit model={model_name or type(model).__name__}: "
-            + "; ".join(parts) + ". Pick the model the file was trained as (model=...) or another file."
+            + "; ".join(misfits) + ". Pick the model the file was trained as (model=...) or another file."
         )
     head_keys = sorted(k for k in target if k.startswith(head))
     if not reason and any(k not in source or source[k].shape != target[k].shape for k in head_keys):
@@ -232,6 +222,22 @@ def init_model(model: nn.Module, path: str | Path, *, weights: str = "ema", clas
         reinitialised=head_keys if reason else [], reinit_reason=reason, ignored=_ignored(loaded, loaded.weights),
         notes=_normalisation_note(loaded.preprocess, preprocess),
     )
+
+
+def _body_misfits(source: dict, target: dict, body: set, head: str) -> list[str]:
+    """What keeps the file's tensors from filling the model's body: missing, extra, reshaped."""
+    missing = sorted(body - set(source))
+    unexpected = sorted(k for k in set(source) - set(target) if not k.startswith(head))
+    shapes = [f"{k} {tuple(source[k].shape)} vs {tuple(target[k].shape)}"
+              for k in sorted(body & set(source)) if source[k].shape != target[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing in the file (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors the model lacks (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape (e.g. {'; '.join(shapes[:3])})")
+    return parts
 
 
 def _normalisation_note(theirs: dict | None, ours: dict | None) -> list[str]:

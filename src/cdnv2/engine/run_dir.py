@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import TMP_MARK, remove_stale_temporaries
+from ..atomic_files import TMP_MARK, remove_stale_temporaries
 from ..errors import RunDirError
 
 log = logging.getLogger("cdnv2")

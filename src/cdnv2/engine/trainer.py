@@ -18,28 +18,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import atomic_files
 from .. import signals as stop_signals
 from ..compact import Structure
-from ..condense import Condenser, ModelEMA, condensing_layers, layer_kind
+from ..condense import Condenser, ModelEMA
 from ..data import build_data, mixup_cutmix
 from ..errors import ConfigError, LoaderWorkerDied, NonFiniteLossError, TrainingInterrupted
 from ..evaluate import EvalResult, evaluate
-from ..flops import count_cost
 from ..models import create_model
-from .. import checkpoint as ckpt
 from . import run_dir as rundir
 from .accumulate import accumulate_backward, check_accum
 from .bn_recal import recalibrate_after_condense
 from .callbacks import Callback
 from .config import TrainConfig, config_to_dict
 from .distill import distill_loss, load_teacher, teacher_logits
-from .distributed import all_reduce_sum, any_rank_each, barrier, cleanup, distributed_env, init_distributed
-from .epoch_log import EpochLog
-from .finalize import (
-    convert_and_eval, masked_report, masks_identical, read_report, summary_table, write_report,
+from .distributed import (
+    all_reduce_sum, any_rank_each, barrier, cleanup, distributed_env, init_distributed, wrap_ddp,
 )
-from .health import HealthWindow, StepHealth
-from .hparams import log_tensorboard_hparams
+from .epoch_log import EpochLog
+from .finalize import finish_run, show_finished
+from .health import HealthWindow, StepHealth, apply_nan_policy
 from .init_from import init_model
 from .logger import MetricLogger, Progress, log
 from .mlflow_logger import MlflowLogger, WithMlflow
@@ -50,6 +48,7 @@ from .resume import (
 )
 from .runtime import AUTOCAST_DTYPES, resolve_compact_training, resolve_device
 from .state import TrainState
+from .train_log import log_run_start, progress_loss, train_metrics
 from .validation import validate_config
 
 
@@ -64,6 +63,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, callbacks: Iterable[Callback] = (),
                  run: rundir.RunDir | None = None):
+        """Set the run up in the order it needs: config check, ranks and device, the folder's
+        lock, data and step counts, the seeded model, condenser, teacher, the TrainState, then
+        resume and logs. Over 60 lines because it is that sequence; each step is one helper
+        or a few lines."""
         validate_config(cfg)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -127,7 +130,7 @@ class Trainer:
         self._resume()
         self.train_model = self._wrap(self.model)
         self._open_logs()
-        self._log_start()
+        log_run_start(self)
 
     # The TrainState's objects and counters, read-only, for callbacks and the loop below;
     # everything that changes them writes self.state.
@@ -188,35 +191,12 @@ class Trainer:
             log.info("weights from init=%s\n%s", self.cfg.init, report.table())
         return report
 
-    def _log_start(self) -> None:
-        """One line with what the run will do, so a wrong dataset or lr shows at once."""
-        if not self.is_main:
-            return
-        fires: dict[str, set[int]] = {}
-        for name, layer in self.condenser.layers:
-            fires.setdefault(layer_kind(layer), set()).update(self.condenser.fire_at[name])
-        schedule = "; ".join(f"{kind} at steps {sorted(steps)}" for kind, steps in sorted(fires.items()))
-        log.info(
-            "run %s: data=%s with %d train / %d val images, %d classes; lr %.4g; %d steps "
-            "(%d epochs x %d); condensation: %s",
-            self.run_dir, self.cfg.data.name, len(self.data.train_loader.dataset),
-            len(self.data.val_loader.dataset), self.data.num_classes, self.peak_lr, self.total_steps,
-            self.cfg.trainer.epochs, self.steps_per_epoch, schedule or "none (no condensing layers)",
-        )
-
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.dist.enabled:
             if self.cfg.trainer.sync_bn and self.structure is Structure.MASKED:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the Parameter objects
                 self.state.model = model
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # Integer buffers (stages, compact indices) are structure, identical on every
-            # rank by construction (checked at the end); Gloo cannot broadcast int16. DDP has
-            # no public way to leave some buffers out of its broadcasts (broadcast_buffers=False
-            # would leave BN statistics per rank): this documented static method is the one way.
-            structural = [n for n, b in model.named_buffers() if not b.is_floating_point()]
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, structural)
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            model = wrap_ddp(model, self.device)
         if self.cfg.trainer.compile:
             model = torch.compile(model)
         return model
@@ -278,12 +258,12 @@ class Trainer:
         path = self.ckpt_dir / name
         state = checkpoint_state(self)
         if name == "last.pt":
-            ckpt.save_rotating(state, path)
+            atomic_files.save_rotating(state, path)
             self.last_checkpoint = path
         else:
-            ckpt.atomic_save(state, path)
+            atomic_files.atomic_save(state, path)
             if not (self.ckpt_dir / "last.pt").exists():  # a snapshot never exists without a last.pt
-                ckpt.save_rotating(state, self.ckpt_dir / "last.pt")
+                atomic_files.save_rotating(state, self.ckpt_dir / "last.pt")
                 self.last_checkpoint = self.ckpt_dir / "last.pt"
         return path
 
@@ -350,14 +330,7 @@ class Trainer:
             self._check_stop()
 
     def _already_finished(self) -> dict:
-        report = read_report(self.run_dir)
-        if self.is_main:
-            log.info(
-                "%s already finished (step %d of %d): nothing to do, its outputs are untouched. To train "
-                "it again add resume=never (moves it aside), or name=... for a new run directory",
-                self.run_dir, self.step, self.total_steps,
-            )
-            print(summary_table(report), flush=True)
+        report = show_finished(self.run_dir, self.step, self.total_steps, self.is_main)
         cleanup(self.dist)
         return report
 
@@ -466,17 +439,7 @@ class Trainer:
                 f"non-finite loss at step {step} (epoch {(step - 1) // self.steps_per_epoch + 1}, "
                 f"lr {lr:.4g}); the last good checkpoint is {self.last_checkpoint or 'none yet'}"
             )
-            if self.cfg.trainer.nan_policy == "raise":
-                raise NonFiniteLossError(
-                    where + ". Lower optim.lr or enable optim.grad_clip, then re-run to resume; or set "
-                    "trainer.nan_policy=skip to skip such steps."
-                )
-            if self.bad_steps > self.cfg.trainer.max_bad_steps:
-                raise NonFiniteLossError(
-                    where + f"; {self.bad_steps} steps skipped, more than trainer.max_bad_steps="
-                    f"{self.cfg.trainer.max_bad_steps}"
-                )
-            log.warning("%s: step skipped (%d so far)", where, self.bad_steps)
+            apply_nan_policy(where, self.bad_steps, self.cfg.trainer.nan_policy, self.cfg.trainer.max_bad_steps)
 
     def after_step(self) -> None:
         """Count the step, apply due condensation stages, maybe swap to compact layers."""
@@ -533,16 +496,7 @@ class Trainer:
     def _log_train(self, images: int, since: float) -> HealthWindow:
         """Log the mean loss of the good steps since the last look; returns that window."""
         window = self._collect_health()  # waits for the device: the rate below is real
-        metrics = {
-            "train/lr": self.optimizer.param_groups[0]["lr"],
-            "train/images_per_second": images / max(time.perf_counter() - since, 1e-9),
-        }
-        if window.loss is not None:
-            metrics["train/loss"] = window.loss
-        if self.condenser.lasso_active(self.step) and self.structure is Structure.MASKED:
-            with torch.no_grad():
-                metrics["train/lasso"] = float(self.condenser.lasso_penalty())
-        self.logger.log(self.step, self._epoch_float(), metrics)
+        self.logger.log(self.step, self._epoch_float(), train_metrics(self, window, images, since))
         return window
 
     def eval_model(self) -> nn.Module:
@@ -588,45 +542,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the end
     def finalize(self) -> dict:
-        """Evaluate the masked model, convert, check parity, evaluate the compact model."""
-        if self.structure is Structure.MASKED:
-            self.condenser.step(self.total_steps)  # no-op unless the schedule was cut short
-        model = self.eval_model()
-        masked = self.run_eval(model, "eval masked")
-        arch = self.model.arch_kwargs()
-        reference = create_model(self.cfg.model.name, **arch)
-        report = masked_report(
-            self.cfg, masked, count_cost(reference, tuple(self.data.input_size)), steps=self.step,
-            train_seconds=self.state.train_seconds, weights="ema" if self.ema is not None else "raw",
-            best_top1=self.state.best_top1, init=self.init_report.as_dict() if self.init_report else None,
-            run_dir=self.run_dir,
-        )
-        has_masks = bool(condensing_layers(reference))
-        if self.dist.enabled:
-            report["masks_identical_across_ranks"] = masks_identical(self.model, self.dist, self.device)
-        if has_masks:
-            report["compact"] = convert_and_eval(
-                model, self.cfg, self.data, arch, self.device, self.run_eval, report,
-                self.run_dir / "model_compact.pt", write=self.is_main,
-            )
-        if self.is_main:
-            write_report(self.run_dir, report)
-            print(summary_table(report), flush=True)
-            if self.logger.enabled:  # recipes: hyper-parameters with the final numbers
-                log_tensorboard_hparams(self.logger.tb, config_to_dict(self.cfg), report)
-            if self.mlflow is not None:
-                self.mlflow.finish(report, self.step)
+        """Evaluate the masked model, convert, check parity, evaluate the compact model, report
+        (:func:`cdnv2.engine.finalize.finish_run`); then the ``on_fit_end`` callbacks."""
+        report = finish_run(self)
         self._callback("on_fit_end", report)
         cleanup(self.dist)
         return report
-
-
-def progress_loss(window: HealthWindow) -> dict[str, str]:
-    """What the progress line shows of a log window: its mean loss, ``skip`` only when every
-    step in it was skipped, nothing when a checkpoint or a condensation step already looked."""
-    if window.loss is not None:
-        return {"loss": f"{window.loss:.3f}"}
-    return {"loss": "skip"} if window.bad_steps else {}
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, callbacks: Iterable[Callback] = ()) -> dict:

@@ -1,6 +1,6 @@
 """Tensor-level building blocks, re-exported flat (timm style)."""
 from .activations import create_act
-from .compact import CompactConv1x1, CompactIndexed, CompactLGC, CompactLinear, CompactSFR, CompactTrainLGC, copy_bn
+from .condensed import CompactConv1x1, CompactIndexed, CompactLGC, CompactLinear, CompactSFR, CompactTrainLGC, copy_bn
 from .condensing import (
     CondensingConv1x1,
     LearnedGroupConv,
