@@ -113,6 +113,90 @@ def test_bn_recal_is_exact_under_resume(tmp_path):
     assert_same_state(final["model_state"], ref["model_state"])
 
 
+class StepGaps(Trainer):
+    """Top-1 before each step's fade began, right before the step and right after it;
+    stops after the last step."""
+
+    rows: list
+
+    def after_step(self):
+        done = self.step + 1
+        if self.condenser.fading(done) and not self.condenser.fading(self.step):
+            self.faded_from = self.run_eval(self.eval_model(), "probe").top1
+        if not self.condenser.due(done):
+            return super().after_step()
+        before = self.run_eval(self.eval_model(), "probe").top1
+        super().after_step()
+        after = self.run_eval(self.eval_model(), "probe").top1
+        self.rows.append((done, getattr(self, "faded_from", before), before, after))
+        self.faded_from = None
+        if done == self.condenser.final_step:
+            raise _Stop(self.rows)
+
+
+def _step_gaps(tmp_path, fade: float) -> list:
+    cfg = TrainConfig(
+        data=DataConfig(num_train=1024, num_val=128, batch_size=32),
+        optim=OptimConfig(lr=0.1),
+        condense=CondenseConfig(fade_fraction=fade, lgc_fractions=[0.55, 0.7, 0.85],
+                                sfr_fractions=[0.55, 0.7, 0.85]),
+        trainer=TrainerConfig(epochs=2, progress="none", stage_snapshots=False),
+        resume="never",
+    )
+    probe = StepGaps(cfg, tmp_path / f"fade{fade}")
+    probe.rows = []
+    with pytest.raises(_Stop):
+        probe.fit()
+    return probe.rows
+
+
+@pytest.mark.slow  # four 55-step runs' worth of training and evaluation: ~2 min alone, 5 on the loaded CPU
+def test_fade_keeps_accuracy_through_every_condensation_step(tmp_path):
+    """condense.fade_fraction=0.1: the top-1 right after each of the three steps stays within
+    5 points of right before it; the hard step (BN re-estimated, fade 0) loses more at some step."""
+    hard = _step_gaps(tmp_path, 0.0)
+    gentle = _step_gaps(tmp_path, 0.1)
+    print("(step, before fade, before, after) hard:", hard, "gentle:", gentle)
+    assert all(before - after <= 5 for _, _, before, after in gentle), gentle
+    assert any(before - after > 5 for _, _, before, after in hard), hard
+
+
+def test_fade_ramps_the_dropped_weights_to_zero_by_the_step():
+    """The weights a step will drop fall linearly to exactly zero one step before it, the
+    mask then removes exactly those, and the rest is untouched: a function of the step
+    count and the weights only (a copy taken mid-ramp continues identically)."""
+    import copy
+
+    import cdnv2
+    from cdnv2.condense import Condenser
+
+    torch.manual_seed(0)
+    model = cdnv2.create_model("cdnv2_tiny")
+    condenser = Condenser(model, 100, CondenseConfig(fade_fraction=0.05))  # fires at 17, 34, 50
+    assert condenser.fade_steps == 5 and [t for t in range(1, 18) if condenser.fading(t)] == [12, 13, 14, 15, 16]
+    _, layer = condensing_layers(model)[0]
+    w0 = layer.conv.weight.detach().clone()
+    snapshots = {}
+    for t in range(1, 18):
+        condenser.step(t)
+        if condenser.fading(t):
+            condenser.fade(t)
+        snapshots[t] = layer.conv.weight.detach().clone()
+        if t == 13:
+            resumed = copy.deepcopy(model)
+    dropped = layer.mask == 0
+    assert int(layer.stage) == 1 and dropped.float().mean() == 0.25
+    assert torch.equal(snapshots[16][dropped], torch.zeros_like(w0[dropped]))
+    assert torch.allclose(snapshots[14][dropped], w0[dropped] * 2 / 5)  # linear: 4/5, 3/5, 2/5, 1/5, 0
+    assert torch.equal(snapshots[17][~dropped], w0[~dropped])
+    again = Condenser(resumed, 100, CondenseConfig(fade_fraction=0.05))
+    for t in range(14, 18):
+        again.step(t)
+        if again.fading(t):
+            again.fade(t)
+    assert torch.equal(condensing_layers(resumed)[0][1].conv.weight, layer.conv.weight)
+
+
 # ---------------------------------------------------------------- accumulation
 class FrozenBN(Callback):
     """BatchNorm in eval mode for the whole run (it computes per-(micro-)batch statistics
@@ -311,16 +395,25 @@ def test_distillation_run_logs_the_teacher_and_trains(tmp_path):
 
 
 # ---------------------------------------------------------------- trackers
+def test_logger_group_picks_mlflow_and_keeps_trainer_mlflow():
+    from cdnv2.cli.train import compose_train_config
+
+    assert compose_train_config([]).trainer.mlflow is False  # logger=tensorboard, the default
+    assert compose_train_config(["logger=mlflow"]).trainer.mlflow is True
+    assert compose_train_config(["trainer.mlflow=true"]).trainer.mlflow is True  # the older spelling
+
+
 def test_mlflow_run_in_a_local_store_reads_back(tmp_path):
-    """A real MLflow file store under the run folder: params, per-step metrics, final numbers."""
+    """``logger=mlflow``: a real MLflow store under the run folder: params, per-step
+    metrics, final numbers."""
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     from cdnv2.engine.mlflow_logger import EXPERIMENT, default_uri
 
-    cfg = _cfg(batch=32, epochs=2)
-    cfg.trainer.mlflow = True
-    report = train(cfg, tmp_path)
+    report = run_like_cli(tmp_path, "logger=mlflow", "data.num_train=64", "data.num_val=32", "data.batch_size=32",
+                          "trainer.epochs=2", "trainer.progress=none", "trainer.parity_samples=4",
+                          "trainer.stage_snapshots=false", "trainer.threads=1")
     client = MlflowClient(tracking_uri=default_uri(tmp_path))
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert len(runs) == 1
