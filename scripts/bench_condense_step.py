@@ -127,7 +127,7 @@ def run(overrides: list[str], run_dir: Path, recal_batches: int, threads: int) -
 
 def table(title: str, rows: list[dict], report: dict, recal: int) -> str:
     lines = [
-        f"**{title}** - final masked top-1 {report['masked']['top1']:.2f}%, "
+        f"**{title}** - final masked top-1 {report['top1']:.2f}%, "
         f"compact {report.get('compact', {}).get('top1', float('nan')):.2f}%",
         "",
         f"| step | epoch | density | before its fade | before | before, BN re-estimated | after | "
