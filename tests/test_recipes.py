@@ -118,6 +118,7 @@ class StepGaps(Trainer):
     stops after the last step."""
 
     rows: list
+    faded_from = None
 
     def after_step(self):
         done = self.step + 1
@@ -128,7 +129,7 @@ class StepGaps(Trainer):
         before = self.run_eval(self.eval_model(), "probe").top1
         super().after_step()
         after = self.run_eval(self.eval_model(), "probe").top1
-        self.rows.append((done, getattr(self, "faded_from", before), before, after))
+        self.rows.append((done, before if self.faded_from is None else self.faded_from, before, after))
         self.faded_from = None
         if done == self.condenser.final_step:
             raise _Stop(self.rows)
@@ -150,10 +151,15 @@ def _step_gaps(tmp_path, fade: float) -> list:
     return probe.rows
 
 
-@pytest.mark.slow  # four 55-step runs' worth of training and evaluation: ~2 min alone, 5 on the loaded CPU
+@pytest.mark.slow  # two 55-step runs with 7 evaluations each: ~2 min alone, 5 on the loaded CPU
 def test_fade_keeps_accuracy_through_every_condensation_step(tmp_path):
     """condense.fade_fraction=0.1: the top-1 right after each of the three steps stays within
-    5 points of right before it; the hard step (BN re-estimated, fade 0) loses more at some step."""
+    5 points of right before it; the hard step (BN re-estimated, fade 0) loses more at some step.
+
+    Measured (step, before fade, before, after): hard (36, -, 43.8, 39.1), (45, -, 47.7, 45.3),
+    (55, -, 51.6, 32.0); gentle (36, 38.3, 39.1, 39.8), (45, 45.3, 32.0, 43.0), (55, 51.6, 26.6,
+    36.7): the step itself no longer costs, but counted from before the ramp the third one still
+    loses 15 points (hard: 19.5); docs/recipes.md."""
     hard = _step_gaps(tmp_path, 0.0)
     gentle = _step_gaps(tmp_path, 0.1)
     print("(step, before fade, before, after) hard:", hard, "gentle:", gentle)
