@@ -15,6 +15,10 @@ final accuracy.
     python scripts/bench_condense_step.py --data digits --epochs 30   # scikit-learn digits
     python scripts/bench_condense_step.py --with-fix --threads 2
     python scripts/bench_condense_step.py --only-fix            # just the run with the fix
+    python scripts/bench_condense_step.py --data digits --only-fix -- condense.fade_fraction=0.1  # gentle steps
+
+With ``condense.fade_fraction`` the table also has the top-1 at the step where each
+step's fade began ("before its fade").
 
 ``--data digits`` writes scikit-learn's 8x8 digits (1,797 images) as a 32 px
 ImageFolder under the output folder (needs scikit-learn). Extra Hydra overrides go
