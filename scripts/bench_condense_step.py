@@ -15,6 +15,10 @@ final accuracy.
     python scripts/bench_condense_step.py --data digits --epochs 30   # scikit-learn digits
     python scripts/bench_condense_step.py --with-fix --threads 2
     python scripts/bench_condense_step.py --only-fix            # just the run with the fix
+    python scripts/bench_condense_step.py --data digits --only-fix -- condense.fade_fraction=0.1  # gentle steps
+
+With ``condense.fade_fraction`` the table also has the top-1 at the step where each
+step's fade began ("before its fade").
 
 ``--data digits`` writes scikit-learn's 8x8 digits (1,797 images) as a 32 px
 ImageFolder under the output folder (needs scikit-learn). Extra Hydra overrides go
@@ -75,6 +79,7 @@ class StepProbe(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rows: list[dict] = []
+        self.before_fade: float | None = None  # top-1 before the fade of the next step began
 
     def _top1(self, model) -> float:
         return self.run_eval(model, "probe").top1
@@ -87,11 +92,15 @@ class StepProbe(Trainer):
         return clone
 
     def after_step(self) -> None:
-        due = self.structure is Structure.MASKED and self.condenser.due(self.step + 1)
+        masked = self.structure is Structure.MASKED
+        if masked and self.condenser.fading(self.step + 1) and not self.condenser.fading(self.step):
+            self.before_fade = self._top1(self.eval_model())  # condense.fade_fraction: its ramp starts now
+        due = masked and self.condenser.due(self.step + 1)
         if not due:
             return super().after_step()
         model = self.eval_model()
         row = {"step": self.step + 1, "epoch": round((self.step + 1) / self.steps_per_epoch, 2)}
+        row["before_fade"], self.before_fade = self.before_fade, None
         row["before"] = self._top1(model)
         row["before_recal"] = self._top1(self._recal_copy(model))
         super().after_step()
@@ -122,15 +131,17 @@ def run(overrides: list[str], run_dir: Path, recal_batches: int, threads: int) -
 
 def table(title: str, rows: list[dict], report: dict, recal: int) -> str:
     lines = [
-        f"**{title}** - final masked top-1 {report['masked']['top1']:.2f}%, "
+        f"**{title}** - final masked top-1 {report['top1']:.2f}%, "
         f"compact {report.get('compact', {}).get('top1', float('nan')):.2f}%",
         "",
-        f"| step | epoch | density | before | before, BN re-estimated | after | after, BN re-estimated ({recal} batches) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| step | epoch | density | before its fade | before | before, BN re-estimated | after | "
+        f"after, BN re-estimated ({recal} batches) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        fade = "-" if r["before_fade"] is None else f"{r['before_fade']:.1f}"
         lines.append(
-            f"| {r['step']} | {r['epoch']} | {r['density']} | {r['before']:.1f} | {r['before_recal']:.1f} | "
+            f"| {r['step']} | {r['epoch']} | {r['density']} | {fade} | {r['before']:.1f} | {r['before_recal']:.1f} | "
             f"{r['after']:.1f} | {r['after_recal']:.1f} |"
         )
     return "\n".join(lines)
@@ -156,7 +167,7 @@ def main(argv=None) -> int:
                      f"condense.bn_recal_batches={args.recal_batches}", "fixed"))
     for title, override, name in runs:
         rows, report = run(base + [override], out / name, args.recal_batches, args.threads)
-        outputs.append(table(f"{args.data}: {title}", rows, report, args.recal_batches))
+        outputs.append(table(f"{args.data}: {' '.join([title] + args.overrides)}", rows, report, args.recal_batches))
         print(outputs[-1] + "\n", flush=True)
     print(f"runs in {out}", file=sys.stderr)
     return 0

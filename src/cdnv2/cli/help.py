@@ -65,6 +65,7 @@ COMMANDS: dict[str, CommandHelp] = {
             Group("sched", "learning-rate schedule", ("engine/config.py", "SchedConfig")),
             Group("condense", "condensation schedule and group lasso", ("condense/schedule.py", "CondenseConfig")),
             Group("trainer", "loop, device, precision, checkpoints, logging", ("engine/config.py", "TrainerConfig")),
+            Group("logger", "CSV and TensorBoard logs always; mlflow adds MLflow (sets trainer.mlflow)"),
             Group("experiment", "named presets on top (configs/experiment/)"),
             Group("recipe", "picked by data= (the paper's recipe for that data); not set by hand"),
             Group("hydra/launcher", "multirun (-m) on a cluster: pip install 'cdnv2[cluster]'"),

@@ -37,6 +37,7 @@ class CondenseConfig:
     lasso_layers: list[str] = field(default_factory=lambda: ["lgc"])  # lgc and/or sfr
     restart: bool = False  # with init=PATH: reset the file's masks to dense, keep its weights
     bn_recal_batches: int = 8  # train batches that re-estimate BN statistics after each step; 0: off
+    fade_fraction: float = 0.0  # fraction of training over which the weights a step drops fade to 0 first; 0: off
 
 
 
@@ -133,6 +134,11 @@ class Condenser:
                 self.fire_at[name] = fire_steps(m.num_steps - done, total_steps, self.cfg.end_fraction)
         self.final_step = max((s[-1] for s in self.fire_at.values() if s), default=0)
         self._fire_steps = {s for steps in self.fire_at.values() for s in steps}
+        self.fade_steps = math.ceil(Fraction(str(self.cfg.fade_fraction)) * total_steps)
+        self._fade_steps = {
+            c for steps in self.fire_at.values()
+            for prev, s in zip([0] + steps, steps) for c in range(max(prev, s - self.fade_steps, 1), s)
+        }
 
     def due(self, completed: int) -> bool:
         """Whether a condensation step is scheduled after ``completed`` steps.
@@ -176,6 +182,24 @@ class Condenser:
         if not fired:
             return None
         return CondenseEvent(completed, fired, self.density(), self.stages())
+
+    def fading(self, completed: int) -> bool:
+        """Whether some layer's next step is at most ``condense.fade_fraction`` of training
+        away after ``completed`` steps (host integers only, like :meth:`due`)."""
+        return completed in self._fade_steps
+
+    @torch.no_grad()
+    def fade(self, completed: int) -> None:
+        """The gentle step: call after :meth:`step` with the same count. For each layer whose
+        next step fires ``r <= fade_steps`` steps from now, scale the weights that step would
+        drop by ``(r - 1) / r``: a linear ramp that reaches zero one step before the mask
+        removes them, so the network adapts on the way. A function of the step count and the
+        weights alone: a resumed run fades exactly as an uninterrupted one."""
+        for name, m in self.layers:
+            upcoming = [t for t in self.fire_at[name] if t > completed]
+            if upcoming and upcoming[0] - completed <= self.fade_steps:
+                remaining = upcoming[0] - completed
+                m.fade_step((remaining - 1) / remaining)
 
     def density(self) -> dict[str, float]:
         return _per_kind(self.layers, lambda m: m.density, lambda v: sum(v) / len(v))

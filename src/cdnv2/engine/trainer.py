@@ -446,6 +446,8 @@ class Trainer:
         self.state.step += 1
         due = self.structure is Structure.MASKED and self.condenser.due(self.step)  # host integers only
         event = self.condenser.step(self.step) if due else None
+        if self.structure is Structure.MASKED and self.condenser.fading(self.step):
+            self.condenser.fade(self.step)  # recipes: the gentle step (condense.fade_fraction)
         if event is not None:
             if self.ema is not None:
                 self.ema.sync_structure(self.model)

@@ -219,6 +219,8 @@ _RULES: tuple = (
     _Choice("condense.lasso_layers", LASSO_LAYERS),
     _Range("condense.bn_recal_batches", lambda v: v >= 0, ">= 0 (training batches that re-estimate the "
            "BatchNorm statistics after each condensation step; 0: off)", 8),
+    _Range("condense.fade_fraction", lambda v: 0 <= v < 1, "in [0, 1) (fraction of training over which the "
+           "weights each condensation step drops fade to zero before it; 0: off, the paper's hard step)", 0.1),
     _Choice("data.auto_augment", AUTO_AUGMENTS),
     _Range("distill.alpha", lambda v: v >= 0, ">= 0 (weight of the soft-target loss)", 1.0),
     _Range("distill.temperature", lambda v: v > 0, "> 0 (softmax temperature, e.g. 4)", 4.0),

@@ -102,13 +102,17 @@ class CondensingConv1x1(nn.Module):
         gm = self.group_mask()
         return gm.nonzero()[:, 1].view(self.groups, -1)
 
-    def _set_group_mask(self, gm: torch.Tensor) -> None:
-        gm = gm.to(self.mask.dtype)  # (G, prunable)
+    def _expand(self, gm: torch.Tensor) -> torch.Tensor:
+        """(G, prunable) group mask -> a 0/1 tensor of the weight's shape."""
+        gm = gm.to(self.mask.dtype)
         members = (self.out_channels if self.group_axis == 0 else self.in_channels) // self.groups
         full = gm.repeat(members, 1)  # row d*G + g holds group g: the interleaved order
         if self.group_axis == 1:
             full = full.t()
-        self.mask.copy_(full.reshape_as(self.mask))
+        return full.reshape_as(self.mask)
+
+    def _set_group_mask(self, gm: torch.Tensor) -> None:
+        self.mask.copy_(self._expand(gm))
 
     def masked_weight(self) -> torch.Tensor:
         return self.conv.weight * self.mask
@@ -122,6 +126,11 @@ class CondensingConv1x1(nn.Module):
         group's members. Dropped channels sort first (importance -1), so each step
         removes exactly ``prunable / C`` more channels per group.
         """
+        self._set_group_mask(self._next_group_mask())
+        self.stage += 1
+
+    def _next_group_mask(self) -> torch.Tensor:
+        """The (G, prunable) group mask that the next :meth:`condense_step` would set."""
         if self.fully_condensed:
             raise RuntimeError(
                 f"{type(self).__name__} is already fully condensed (stage {int(self.stage)})"
@@ -132,8 +141,15 @@ class CondensingConv1x1(nn.Module):
         order = importance.argsort(dim=1, stable=True)
         gm = torch.ones_like(importance, dtype=torch.bool)
         gm.scatter_(1, order[:, :n_drop], False)
-        self._set_group_mask(gm)
-        self.stage += 1
+        return gm
+
+    @torch.no_grad()
+    def fade_step(self, factor: float) -> None:
+        """Scale the weights of the connections the next :meth:`condense_step` would drop
+        by ``factor`` (the gentle step: they fade out over a few optimizer steps before the
+        mask removes them). Masks and stage are left alone."""
+        dropping = self.mask - self._expand(self._next_group_mask())  # 1 where alive now, dropped next
+        self.conv.weight.mul_(1.0 - (1.0 - factor) * dropping)
 
     def lasso_penalty(self) -> torch.Tensor:
         """Group lasso: sum over (group, prunable channel) of the L2 norm of its weights."""
