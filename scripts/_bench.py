@@ -63,3 +63,8 @@ def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup:
 def load_average() -> float:
     """The 1-minute load average: quoted at the start and end of every table."""
     return os.getloadavg()[0]
+
+
+def print_tables(lines: list[str]) -> None:
+    """Print a script's header and tables, closed by the load average at the end."""
+    print("\n".join([*lines, f"load average at end {load_average():.2f}"]))

@@ -29,7 +29,7 @@ import torchvision
 
 from cdnv2.compact import convert_model
 
-from _bench import PEERS, condensed, load_average, parser, time_round_robin
+from _bench import PEERS, condensed, load_average, parser, print_tables, time_round_robin
 
 
 def parse_args(argv=None):
@@ -109,8 +109,7 @@ def main(argv=None) -> int:
         for name in args.variants:
             out += rows_for(name, args)
     out.append("")
-    out.append(f"load average at end {load_average():.2f}")
-    print("\n".join(out))
+    print_tables(out)
     return 0
 
 

@@ -29,7 +29,7 @@ import torchvision
 from cdnv2.checkpoint import save_compact
 from cdnv2.compact import convert_model, release_workspace, to_compact_training
 
-from _bench import PEERS, condensed, load_average, parser, time_round_robin
+from _bench import PEERS, condensed, load_average, parser, print_tables, time_round_robin
 
 
 def parse_args(argv=None):
@@ -131,8 +131,7 @@ def main(argv=None) -> int:
         out += artifact_rows(args) + [""]
     if not args.no_train:
         out += train_rows(args) + [""]
-    out.append(f"load average at end {load_average():.2f}")
-    print("\n".join(out))
+    print_tables(out)
     return 0
 
 

@@ -36,7 +36,7 @@ import cdnv2
 from cdnv2.deploy import export_onnx
 from cdnv2.deploy.sessions import openvino_op_profile, openvino_session, ort_session
 
-from _bench import PEERS, condensed, load_average, parser, time_round_robin
+from _bench import PEERS, condensed, load_average, parser, print_tables, time_round_robin
 
 RUNTIMES = ("eager", "ort", "ov", "ov-bf16", "compile", "aoti", "xnnpack")  # ov-bf16: OpenVINO at bfloat16
 COMPILED = ("compile", "aoti", "xnnpack")
@@ -287,8 +287,7 @@ def main(argv=None) -> int:
                 if args.profile:
                     out += [""] + profiles(files, x, args) + [""]
             out.append("")
-    out.append(f"load average at end {load_average():.2f}")
-    print("\n".join(out))
+    print_tables(out)
     return 0
 
 
