@@ -167,6 +167,31 @@ def test_fade_keeps_accuracy_through_every_condensation_step(tmp_path):
     assert any(before - after > 5 for _, _, before, after in hard), hard
 
 
+def test_evaluations_inside_a_fade_window_re_estimate_bn_first(tmp_path, monkeypatch):
+    """While weights fade towards a step, each epoch's evaluation first re-estimates the BN
+    statistics (they were collected on weights the ramp has since shrunk); outside the
+    windows only the steps themselves do."""
+    import cdnv2.engine.trainer as trainer_module
+
+    calls = []
+
+    def spy(t):
+        calls.append(t.step)
+        return real(t)
+
+    real = trainer_module.recalibrate_after_condense
+    monkeypatch.setattr(trainer_module, "recalibrate_after_condense", spy)
+    cfg = _cfg(batch=16, epochs=4, recal=1)
+    cfg.condense.fade_fraction = 0.3
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.fit()
+    epoch_ends = range(trainer.steps_per_epoch, trainer.total_steps + 1, trainer.steps_per_epoch)
+    in_window = [s for s in epoch_ends if trainer.condenser.fading(s)]
+    steps = sorted({s for fire in trainer.condenser.fire_at.values() for s in fire})
+    assert in_window and set(in_window).isdisjoint(steps)
+    assert sorted(calls) == sorted(steps + in_window)
+
+
 def test_fade_ramps_the_dropped_weights_to_zero_by_the_step():
     """The weights a step will drop fall linearly to exactly zero one step before it, the
     mask then removes exactly those, and the rest is untouched: a function of the step

@@ -105,7 +105,8 @@ def recal_loader(data: Data, *, seed: int, step: int, num_batches: int, epoch: i
 
 def recalibrate_after_condense(t) -> int:
     """Trainer hook: re-estimate the BN statistics of the live model and its EMA after the
-    condensation step just applied (``condense.bn_recal_batches`` batches; 0: off).
+    condensation step just applied, or before an evaluation while weights fade towards a
+    step (``condense.fade_fraction``), from ``condense.bn_recal_batches`` batches (0: off).
     Returns the images used on this rank (0 when off)."""
     num_batches = t.cfg.condense.bn_recal_batches
     if not num_batches:

@@ -518,6 +518,10 @@ class Trainer:
     def end_epoch(self) -> None:
         # Evaluate before counting the epoch: a stop during the evaluation saves a state
         # whose resume re-runs it.
+        if self.structure is Structure.MASKED and self.condenser.fading(self.step):
+            # recipes: weights are fading towards a step; statistics that fit them (bn_recal.py)
+            images = recalibrate_after_condense(self)
+            self.logger.log(self.step, self._epoch_float(), {"condense/bn_recal_images": float(images * self.dist.world_size)})
         result = self.run_eval(self.eval_model(), "eval")
         self.state.epoch += 1
         self.state.batch_in_epoch = 0
