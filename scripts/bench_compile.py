@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--allocator", choices=("keep", "glibc"), default="keep",
                    help="keep: glibc malloc keeps freed memory for reuse (no mmap per large tensor, see "
                         "docs/deploy.md); glibc: its defaults (each large tensor a fresh mmap, page-faulted)")
-    p.add_argument("--no-graph", action="store_true", help="skip the compiled deployment graph (export_module)")
+    p.add_argument("--no-graph", action="store_true", help="skip the compiled deployment graph (cdnv2.deploy.graph)")
     return p.parse_args(argv)
 
 
