@@ -5,7 +5,8 @@
 - ``"aoti"`` (Inductor): the compact model itself, whose forward under tracing is the
   static path of :mod:`cdnv2.compact.static_run` (block buffers, folds stored as
   buffers, no host reads). Compiled by Inductor it ran faster than the compiled
-  deployment graph (docs/deploy.md: cdnv2_a, batch 32);
+  deployment graph on cdnv2_a at batch 1 and 32 (docs/deploy.md; one noisy cdnv2_b
+  batch-1 run had it slower);
 - ``"executorch"`` (XNNPACK): the deployment graph of :mod:`cdnv2.deploy.graph` (plain
   convolutions, BNs folded), which XNNPACK delegates; the static path's batched GEMMs
   and index ops would run outside the delegate.
