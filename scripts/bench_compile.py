@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Speed of the compiled compact model: torch.compile (Inductor, CPU) of the compact
-CondenseNetV2, of its masked form and of a torchvision peer of similar FLOPs.
+CondenseNetV2 (its static forward), of its masked form, of its deployment graph
+(``cdnv2.deploy.graph``, ONNX Runtime forms) and of a torchvision peer of similar FLOPs.
 
 Prints a markdown table of ms per batch (fp32, 224x224 by default) with the ratios
 compact / peer and compact / masked from the same run, and the eager compact model
@@ -8,7 +9,9 @@ beside them. Models are timed round-robin (each timed call right after an untime
 the same model), median of --repeats. Every model is compiled the same way
 (``torch.compile(model)`` under ``torch.no_grad()``, static shapes, Inductor's
 ``freezing`` on unless --no-freezing: weights become constants, convs get prepacked
-weights); the compact model with ``fullgraph=True``.
+weights); the compact model with ``fullgraph=True``. By default glibc malloc is told to
+keep freed memory (``--allocator keep``): with its defaults every activation above the
+mmap threshold is a fresh mapping, page-faulted on every call (docs/deploy.md).
 
     python scripts/bench_compile.py --variants cdnv2_a --batch 1 32 --repeats 3
     python scripts/bench_compile.py --variants cdnv2_b --batch 32 --profile   # top ops
@@ -28,6 +31,7 @@ import torch
 import torchvision
 
 from cdnv2.compact import convert_model
+from cdnv2.deploy.graph import build_deploy_model
 
 from _bench import PEERS, condensed, load_average, parser, print_tables, time_round_robin
 
@@ -38,7 +42,24 @@ def parse_args(argv=None):
     p.add_argument("--no-masked", action="store_true", help="skip the masked model")
     p.add_argument("--no-freezing", action="store_true", help="compile without Inductor's freezing")
     p.add_argument("--profile", action="store_true", help="print the compiled compact model's top ops")
+    p.add_argument("--allocator", choices=("keep", "glibc"), default="keep",
+                   help="keep: glibc malloc keeps freed memory for reuse (no mmap per large tensor, see "
+                        "docs/deploy.md); glibc: its defaults (each large tensor a fresh mmap, page-faulted)")
+    p.add_argument("--no-graph", action="store_true", help="skip the compiled deployment graph (cdnv2.deploy.graph)")
     return p.parse_args(argv)
+
+
+def keep_freed_memory() -> None:
+    """glibc malloc: no mmap per large block and no trimming, so a freed activation is reused
+    by the next call instead of being returned to the OS and page-faulted in again (what
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` set at process start; docs/deploy.md)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    ok = libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_top_pad, 256 << 20)
+    if not ok:
+        raise SystemExit("mallopt failed: not glibc? run with --allocator glibc")
 
 
 def compiled(model: torch.nn.Module, x: torch.Tensor, fullgraph: bool = False):
@@ -65,6 +86,7 @@ def rows_for(name: str, args) -> list[str]:
     masked = condensed(name)
     compact = convert_model(masked)  # parity checked on a small input
     peer = getattr(torchvision.models, PEERS[name])(weights=None).eval()
+    graph = build_deploy_model(compact, "onnxruntime", input_size=(3, args.size, args.size)).eval()
     rows = []
     for batch in args.batch:
         x = torch.randn(batch, 3, args.size, args.size)
@@ -72,6 +94,8 @@ def rows_for(name: str, args) -> list[str]:
         fns = {"compact": compiled(compact, x, fullgraph=True), "peer": compiled(peer, x)}
         if not args.no_masked:
             fns["masked"] = compiled(masked, x)
+        if not args.no_graph:
+            fns["graph"] = compiled(graph, x)
         ref = compact(x)
         err = float((fns["compact"](x) - ref).abs().max() / ref.abs().max())
         calls = {k: (lambda f=f: f(x)) for k, f in fns.items()}
@@ -79,10 +103,12 @@ def rows_for(name: str, args) -> list[str]:
         t = time_round_robin(calls, args.repeats, args.warmup)
         med = {k: statistics.median(v) for k, v in t.items()}
         m = med.get("masked", float("nan"))
+        gr = med.get("graph", float("nan"))
         rows.append(
             f"| {name} | {batch} | {med['compact']:.1f} ({min(t['compact']):.1f}) | {PEERS[name]} | "
             f"{med['peer']:.1f} ({min(t['peer']):.1f}) | {med['compact'] / med['peer']:.2f} | "
-            f"{m:.1f} | {med['compact'] / m:.2f} | {med['eager compact']:.1f} | {err:.1e} |"
+            f"{m:.1f} | {med['compact'] / m:.2f} | {gr:.1f} | {med['compact'] / gr:.2f} | "
+            f"{med['eager compact']:.1f} | {err:.1e} |"
         )
         print(rows[-1], file=sys.stderr, flush=True)
         if args.profile:
@@ -95,15 +121,19 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch._inductor.config.freezing = not args.no_freezing
+    if args.allocator == "keep":
+        keep_freed_memory()
     out = [
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, torch.get_num_threads() = "
         f"{torch.get_num_threads()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; fp32, "
-        f"torch.compile (Inductor, freezing {'off' if args.no_freezing else 'on'}), {args.size}x{args.size}; "
+        f"torch.compile (Inductor, freezing {'off' if args.no_freezing else 'on'}), {args.size}x{args.size}, "
+        f"allocator {args.allocator}; "
         f"ms per batch, median (min) of {args.repeats} warm round-robin runs; load average at start {load_average():.2f}",
         "",
         "| model | batch | compiled compact ms | peer | compiled peer ms | compact / peer | compiled masked ms "
-        "| compact / masked | eager compact ms | compiled vs eager max rel diff |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| compact / masked | compiled deployment graph ms | compact / graph | eager compact ms "
+        "| compiled vs eager max rel diff |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     with torch.no_grad():
         for name in args.variants:

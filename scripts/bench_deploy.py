@@ -8,7 +8,8 @@ and the FLOPs-equal torchvision peer, in PyTorch eager, ONNX Runtime, OpenVINO,
 --repeats runs timed round-robin over all models and runtimes of that batch (load from
 other processes hits all alike), and the ratios from the same run. The compiled
 runtimes get what ``cdnv2-convert export=aoti|executorch`` exports for the compact model
-(:func:`cdnv2.deploy.program.export_module`) and the masked model and the peer as they
+(:func:`cdnv2.deploy.program.export_module`: its static forward for torch.compile and
+AOTInductor, the deployment graph for XNNPACK) and the masked model and the peer as they
 are; ``--own-forward`` adds the compact model's own forward (non-strict ``torch.export``;
 ``torch.compile`` with graph breaks) as ``compact[own]`` (not for XNNPACK). ``--int8`` adds the statically quantized compact model (random
 calibration images: speed only; accuracy is cdnv2-convert's table).
@@ -107,7 +108,7 @@ def compiled_modules(name: str, eager: dict, args) -> dict:
     from cdnv2.deploy.export import _exportable_copy
     from cdnv2.deploy.program import export_module
 
-    mods = {"compact": export_module(eager["compact"], (3, args.size, args.size))}
+    mods = {"compact": export_module(eager["compact"], (3, args.size, args.size), target="aoti")}
     if args.own_forward:
         mods["compact[own]"] = _exportable_copy(eager["compact"])
     mods.update({label: m for label, m in eager.items() if label != "compact"})
@@ -146,6 +147,10 @@ def _compiled(rt: str, m: torch.nn.Module, label: str, args, tmp: Path, batches:
         program = _export(m, torch.randn(2, *size), True)
         run = load_aoti(torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / f"{slug}.pt2")))
         return {b: (lambda x, f=run: f(torch.from_numpy(x))) for b in batches}
+    if label == "compact":  # what export=executorch exports: the deployment graph
+        from cdnv2.deploy.program import export_module
+
+        m = export_module(m, size, target="executorch")
     runs = {b: _xnnpack(m, torch.randn(b, *size), tmp / f"{slug}-{b}.pte")
             for b in batches if args.xnnpack_batches is None or b in args.xnnpack_batches}
     return {b: (lambda x, f=run: f(torch.from_numpy(x))) for b, run in runs.items()}

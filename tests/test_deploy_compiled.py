@@ -53,6 +53,26 @@ def test_failed_check_leaves_the_previous_file_intact(compact, tmp_path, monkeyp
     assert json.loads((tmp_path / "m.onnx.json").read_text())["class_names"] == ["b"]
 
 
+def test_export_module_packages_the_static_forward_for_aoti_and_the_graph_for_xnnpack(compact):
+    """AOTInductor gets a copy of the compact model (its static forward, faster compiled);
+    ExecuTorch the deployment graph (plain convs that XNNPACK delegates)."""
+    from cdnv2.compact import CompactDenseLayer
+    from cdnv2.deploy.program import export_module
+
+    aoti = export_module(compact, SIZE, "aoti")
+    assert type(aoti) is type(compact) and aoti is not compact and not aoti.training
+    assert all(m.static_ready for m in aoti.modules() if isinstance(m, CompactDenseLayer))
+    xnn = export_module(compact, SIZE, "executorch")
+    assert not any(isinstance(m, CompactDenseLayer) for m in xnn.modules())
+    x = torch.randn(2, *SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = compact(x)
+        for module in (aoti, xnn):
+            assert float((module(x) - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))
+    with pytest.raises(ValueError, match="target"):
+        export_module(compact, SIZE, "tflite")
+
+
 def test_missing_executorch_names_the_mobile_extra(monkeypatch):
     monkeypatch.setattr(export_mod, "missing_packages", lambda formats=(): ["executorch"])
     with pytest.raises(ExportError, match=r"executorch .*pip install 'cdnv2\[mobile\]'"):

@@ -41,7 +41,7 @@ def export_aoti(model: nn.Module, example: torch.Tensor, path: str | Path, *,
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program, meta = export_program(model, example, dynamic_batch=True)
+    program, meta = export_program(model, example, dynamic_batch=True, target="aoti")
     config = {"aot_inductor.metadata": package_metadata(class_names, preprocess, meta)}
     try:
         torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=config)

@@ -41,7 +41,7 @@ def export_executorch(model: nn.Module, example: torch.Tensor, path: str | Path)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program, meta = export_program(model, example, dynamic_batch=False)
+    program, meta = export_program(model, example, dynamic_batch=False, target="executorch")
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
