@@ -35,12 +35,9 @@ def _train(run: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished QUICK run (tests copy it before changing anything)."""
-    run = tmp_path_factory.mktemp("finished") / "run"
-    r = _train(run)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return run
+def finished(quick_cli_run) -> Path:
+    """A finished QUICK run, the session's shared one (tests copy it before changing anything)."""
+    return quick_cli_run
 
 
 def test_a_folder_with_other_files_is_refused_and_never_moved(tmp_path):
