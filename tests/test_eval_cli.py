@@ -16,7 +16,7 @@ from cdnv2.engine import TrainConfig, TrainerConfig, configure_runtime, train
 from cdnv2.errors import CheckpointError, ConfigError
 from cdnv2.models import create_model
 
-from helpers import cli, load, restored_process_state
+from helpers import cli, converted_layout, load, restored_process_state
 
 TINY_DATA = dict(num_train=384, num_val=128, batch_size=32)
 # The shapes data's own eval transform: what an official-layout file (which records none)
@@ -156,14 +156,13 @@ def test_official_layout_file_evaluates_like_the_original(run_dir, tmp_path):
 def test_converted_official_file_with_ema_and_args(run_dir, tmp_path):
     import argparse
 
-    test_official = pytest.importorskip("test_official", reason="needs the official-layout helpers")
     snapshot = run_dir / "checkpoints/condense-step0000004.pt"
     raw = cdnv2.load_model(snapshot, weights="raw")
     ema = cdnv2.load_model(snapshot, weights="ema")
     official = tmp_path / "converted.pth.tar"
     torch.save({"epoch": 1, "args": argparse.Namespace(model="cdnv2_tiny"),  # as timm's saver writes
-                "state_dict": test_official.converted_layout(raw, "module."),
-                "state_dict_ema": test_official.converted_layout(ema, "module.")}, official)
+                "state_dict": converted_layout(raw, "module."),
+                "state_dict_ema": converted_layout(ema, "module.")}, official)
     ref = eval_cli.run(eval_cli.EvalConfig(checkpoint=str(snapshot), out=str(tmp_path / "ref"), progress="none"))
     cfg = eval_cli.EvalConfig(checkpoint=str(official), official="cdnv2_tiny", out=str(tmp_path), progress="none")
     got = eval_cli.run(cfg, data=DataConfig(**TINY_DATA), data_overrides=SHAPES_PREPROCESS)
