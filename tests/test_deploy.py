@@ -230,21 +230,29 @@ def test_quantize_without_an_export_is_refused(run_dir, tmp_path):
     assert r.returncode == 2 and "add export=onnx" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_convert_refuses_bad_outputs_and_threads_up_front(run_dir, tmp_path):
-    """A compact artifact as input takes the same up-front checks as a training checkpoint."""
+def test_convert_refuses_bad_outputs_and_threads_up_front(run_dir, tmp_path, capsys):
+    """A compact artifact as input takes the same up-front checks as a training checkpoint:
+    one case through the real command, the others through its error path in-process (each
+    command start costs seconds)."""
+    from cdnv2.cli import convert as convert_cli
+    from cdnv2.cli.common import run_user_command
     from helpers import cli
 
     (tmp_path / "folder").mkdir()
     (tmp_path / "afile").write_text("not a folder")
-    artifact = f"checkpoint={run_dir / 'model_compact.pt'}"
+    artifact = run_dir / "model_compact.pt"
+    r = cli("cdnv2-convert", f"checkpoint={artifact}", "threads=-1", "export=onnx")
+    assert r.returncode == 2 and "threads=-1 must be >= 1" in r.stderr and "Traceback" not in r.stderr, r.stderr
     cases = {
-        f"out={tmp_path / 'folder'}": "is a folder",
-        f"out={tmp_path / 'm.onnx'}": "give it a .pt name",
-        f"out={tmp_path / 'afile' / 'm.pt'}": "is not writable",
-        "threads=-1": "threads=-1 must be >= 1",
+        tmp_path / "folder": "is a folder",
+        tmp_path / "m.onnx": "give it a .pt name",
+        tmp_path / "afile" / "m.pt": "is not writable",
     }
-    for arg, message in cases.items():
-        r = cli("cdnv2-convert", artifact, arg, "export=onnx")
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (arg, r.stderr)
+    for out, message in cases.items():
+        cfg = convert_cli.ConvertConfig(checkpoint=str(artifact), out=str(out), export="onnx")
+        with pytest.raises(SystemExit) as e:
+            run_user_command("cdnv2-convert", lambda: convert_cli.run(cfg))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("cdnv2-convert: error: ") and message in err, (out, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]
     assert not list((tmp_path / "folder").iterdir())
