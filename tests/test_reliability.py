@@ -49,6 +49,7 @@ def _finish_with_command(run_dir: Path, reference: dict, *extra: str) -> subproc
     return r
 
 
+@pytest.mark.ci
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path, reference):
     """The real command, SIGKILLed half-way through writing last.pt, then re-run."""
     # die half-way through the second write of last.pt (end of epoch 2)
@@ -218,6 +219,7 @@ def _torchrun(*args, timeout=600):
     )
 
 
+@pytest.mark.ci
 def test_torchrun_two_gloo_processes(tmp_path):
     r = _torchrun("--no-python", str(BIN / "cdnv2-train"), *QUICK, f"hydra.run.dir={tmp_path}")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -156,7 +156,8 @@ def test_other_commands_never_replace_a_runs_files(tmp_path, finished):
 
 
 @pytest.mark.parametrize("fault", [
-    "full disk writing best.pt", pytest.param("killed after last.pt", marks=pytest.mark.slow),
+    pytest.param("full disk writing best.pt", marks=pytest.mark.ci),
+    pytest.param("killed after last.pt", marks=pytest.mark.slow),
 ])
 def test_best_and_last_agree_after_a_failed_write(tmp_path, finished, fault):
     """The re-run ends with the best.pt and best_top1 of an uninterrupted run."""

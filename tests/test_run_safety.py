@@ -84,6 +84,7 @@ def finished(quick_cli_run) -> Path:
 
 
 # ----------------------------------------------------------------------------- items 1, 2, 8
+@pytest.mark.ci
 def test_finished_run_identity_never_destroy_and_aside(tmp_path, finished):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
