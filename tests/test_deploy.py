@@ -10,15 +10,13 @@ from cdnv2.data import DataConfig, build_data
 from cdnv2.deploy import ExportError, build_deploy_model, export_and_check, export_onnx, require_onnx
 from cdnv2.deploy.forms import ALL_FORMS, measure_forms
 from cdnv2.deploy.graph import PREACT_FORM, PREACT_FORMS, PreAct, compact_layers, layer_input_sizes
-from cdnv2.engine import TrainConfig, TrainerConfig, train
 from cdnv2.layers import CondensingConv1x1
-from helpers import condensed_tiny
+from helpers import TINY_DATA, condensed_tiny
 
 pytest.importorskip("onnxruntime", reason="deployment needs the cdnv2[export] extra")
 pytest.importorskip("openvino", reason="deployment needs the cdnv2[export] extra")
 
 SIZE = (3, 32, 32)
-TINY_DATA = dict(num_train=384, num_val=128, batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +25,9 @@ def compact():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    threads = torch.get_num_threads()
-    cfg = TrainConfig(data=DataConfig(**TINY_DATA))
-    cfg.trainer = TrainerConfig(epochs=2, max_steps_per_epoch=4, parity_samples=8, progress="none", threads=1)
-    path = tmp_path_factory.mktemp("deploy_run")
-    train(cfg, path)
-    torch.set_num_threads(threads)
-    return path
+def run_dir(tiny_run):
+    """The session's tiny trained run (read-only)."""
+    return tiny_run
 
 
 @pytest.mark.parametrize("preact", PREACT_FORMS)

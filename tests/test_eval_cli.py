@@ -12,13 +12,11 @@ import cdnv2
 from cdnv2.cli import eval as eval_cli
 from cdnv2.compact.official import guess_official_variant
 from cdnv2.data import DataConfig
-from cdnv2.engine import TrainConfig, TrainerConfig, configure_runtime, train
 from cdnv2.errors import CheckpointError, ConfigError
 from cdnv2.models import create_model
 
-from helpers import cli, converted_layout, load, restored_process_state
+from helpers import TINY_DATA, cli, converted_layout, load
 
-TINY_DATA = dict(num_train=384, num_val=128, batch_size=32)
 # The shapes data's own eval transform: what an official-layout file (which records none)
 # must be told to use on this data instead of the ImageNet 256/224 default.
 SHAPES_PREPROCESS = dict(image_size=32, eval_resize=None, interpolation="bilinear",
@@ -26,15 +24,9 @@ SHAPES_PREPROCESS = dict(image_size=32, eval_resize=None, interpolation="bilinea
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    cfg = TrainConfig(data=DataConfig(**TINY_DATA))
-    cfg.trainer = TrainerConfig(epochs=2, max_steps_per_epoch=4, parity_samples=8, progress="none",
-                                ema_decay=0.9, threads=1)
-    path = tmp_path_factory.mktemp("eval_run")
-    with restored_process_state():  # as cdnv2-train runs it: 1 thread, exact kernels
-        configure_runtime("cpu", deterministic=cfg.trainer.deterministic, threads=1, seed=cfg.seed)
-        train(cfg, path)
-    return path
+def run_dir(tiny_run):
+    """The session's tiny run (EMA weights, stage snapshots; trained with cdnv2-train's runtime)."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
