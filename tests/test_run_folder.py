@@ -138,18 +138,30 @@ def test_a_finished_run_with_an_unreadable_last_pt_stays_finished(tmp_path, fini
     assert _tree(run, skip=(LOCK_NAME,)) == before  # prev.pt, metrics, outputs, record: all as they were
 
 
-def test_other_commands_never_replace_a_runs_files(tmp_path, finished):
+def test_other_commands_never_replace_a_runs_files(tmp_path, finished, capsys):
+    # The commands' own error path, in-process (each real command start costs seconds).
+    from cdnv2.cli.common import run_user_command
+    from cdnv2.cli.convert import ConvertConfig, run as convert
+    from cdnv2.cli.eval import EvalConfig, run as evaluate
+    from cdnv2.cli.viz import VizConfig, run as viz
+    from cdnv2.errors import CheckpointError, RunDirError
+
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     before = _tree(run, skip=(LOCK_NAME,))
-    r = cli("cdnv2-convert", f"checkpoint={run}/checkpoints/last.pt", f"out={run}/checkpoints/best.pt", "bench=false")
-    assert r.returncode == 2 and "would replace checkpoints/best.pt" in r.stderr, r.stderr[-2000:]
-    r = cli("cdnv2-eval", f"checkpoint={run}/model_compact.pt", f"out={run}/report.json")
-    assert r.returncode == 2 and "would replace report.json" in r.stderr, r.stderr[-2000:]
-    assert "top-1" not in r.stdout  # refused before evaluating
-    from cdnv2.cli.viz import VizConfig, run as viz
-    from cdnv2.errors import RunDirError
-
+    for prog, task, message in [
+        ("cdnv2-convert", lambda: convert(ConvertConfig(checkpoint=f"{run}/checkpoints/last.pt",
+                                                        out=f"{run}/checkpoints/best.pt", bench=False)),
+         "would replace checkpoints/best.pt"),
+        ("cdnv2-eval", lambda: evaluate(EvalConfig(checkpoint=f"{run}/model_compact.pt", out=f"{run}/report.json",
+                                                   progress="none")),
+         "would replace report.json"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            run_user_command(prog, task, (CheckpointError,))
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and err.startswith(f"{prog}: error: ") and message in err, err[-2000:]
+        assert "top-1" not in out  # refused before evaluating
     with pytest.raises(RunDirError, match=r"would replace tb/curves.png"):
         viz(VizConfig(run_dir=str(run), out=str(run / "tb")))
     assert _tree(run, skip=(LOCK_NAME,)) == before
