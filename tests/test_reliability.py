@@ -128,6 +128,7 @@ def test_bad_checkpoint_files_give_clear_errors(tmp_path, capsys):
     assert "cannot be read" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.ci
 def test_disk_full_while_saving_is_clear_and_keeps_previous(tmp_path):
     with pytest.raises(Crash):
         run_like_cli(tmp_path, *QUICK, callbacks=[CrashAtStep(5)])

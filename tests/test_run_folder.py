@@ -40,6 +40,7 @@ def finished(quick_cli_run) -> Path:
     return quick_cli_run
 
 
+@pytest.mark.ci
 def test_a_folder_with_other_files_is_refused_and_never_moved(tmp_path):
     proj = tmp_path / "proj"
     (proj / ".git").mkdir(parents=True)
@@ -126,6 +127,7 @@ def test_refused_and_failed_commands_leave_the_folder_as_it_was(tmp_path, finish
     assert "resume=never" in (run / ".hydra" / "overrides.yaml").read_text()
 
 
+@pytest.mark.ci
 def test_a_finished_run_with_an_unreadable_last_pt_stays_finished(tmp_path, finished):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
