@@ -36,6 +36,25 @@ def tiny_folder_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One in-process cdnv2_tiny run on the shapes data (384/128 images, 2 epochs of 4 steps,
+    EMA weights, every step logged, stage snapshots), with the runtime cdnv2-train sets up:
+    its run folder, read by the deployment, eval and viz tests. Treat it as read-only."""
+    from cdnv2.data import DataConfig
+    from cdnv2.engine import TrainConfig, TrainerConfig, configure_runtime, train
+    from helpers import TINY_DATA, restored_process_state
+
+    cfg = TrainConfig(data=DataConfig(**TINY_DATA))
+    cfg.trainer = TrainerConfig(epochs=2, max_steps_per_epoch=4, parity_samples=8, progress="none",
+                                ema_decay=0.9, log_every=1, threads=1)
+    path = tmp_path_factory.mktemp("tiny_run")
+    with restored_process_state():
+        configure_runtime("cpu", deterministic=cfg.trainer.deterministic, threads=1, seed=cfg.seed)
+        train(cfg, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def quick_cli_run(tmp_path_factory):
     """One finished ``cdnv2-train <QUICK>`` run for the whole session; tests that change
     anything copy it first. Its last.pt holds the weights every interrupted QUICK run must

@@ -38,6 +38,10 @@ QUICK = [
 ]
 
 
+# The shapes data of the session's tiny_run (tests/conftest.py).
+TINY_DATA = dict(num_train=384, num_val=128, batch_size=32)
+
+
 def cli(name: str, *args: str, env: dict | None = None, timeout: int = 600, cwd=None) -> subprocess.CompletedProcess:
     exe = shutil.which(name, path=str(BIN)) or str(BIN / name)
     return subprocess.run(

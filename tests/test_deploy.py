@@ -10,15 +10,13 @@ from cdnv2.data import DataConfig, build_data
 from cdnv2.deploy import ExportError, build_deploy_model, export_and_check, export_onnx, require_onnx
 from cdnv2.deploy.forms import ALL_FORMS, measure_forms
 from cdnv2.deploy.graph import PREACT_FORM, PREACT_FORMS, PreAct, compact_layers, layer_input_sizes
-from cdnv2.engine import TrainConfig, TrainerConfig, train
 from cdnv2.layers import CondensingConv1x1
-from helpers import condensed_tiny
+from helpers import TINY_DATA, condensed_tiny
 
 pytest.importorskip("onnxruntime", reason="deployment needs the cdnv2[export] extra")
 pytest.importorskip("openvino", reason="deployment needs the cdnv2[export] extra")
 
 SIZE = (3, 32, 32)
-TINY_DATA = dict(num_train=384, num_val=128, batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +25,9 @@ def compact():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    threads = torch.get_num_threads()
-    cfg = TrainConfig(data=DataConfig(**TINY_DATA))
-    cfg.trainer = TrainerConfig(epochs=2, max_steps_per_epoch=4, parity_samples=8, progress="none", threads=1)
-    path = tmp_path_factory.mktemp("deploy_run")
-    train(cfg, path)
-    torch.set_num_threads(threads)
-    return path
+def run_dir(tiny_run):
+    """The session's tiny trained run (read-only)."""
+    return tiny_run
 
 
 @pytest.mark.parametrize("preact", PREACT_FORMS)
@@ -230,21 +223,29 @@ def test_quantize_without_an_export_is_refused(run_dir, tmp_path):
     assert r.returncode == 2 and "add export=onnx" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_convert_refuses_bad_outputs_and_threads_up_front(run_dir, tmp_path):
-    """A compact artifact as input takes the same up-front checks as a training checkpoint."""
+def test_convert_refuses_bad_outputs_and_threads_up_front(run_dir, tmp_path, capsys):
+    """A compact artifact as input takes the same up-front checks as a training checkpoint:
+    one case through the real command, the others through its error path in-process (each
+    command start costs seconds)."""
+    from cdnv2.cli import convert as convert_cli
+    from cdnv2.cli.common import run_user_command
     from helpers import cli
 
     (tmp_path / "folder").mkdir()
     (tmp_path / "afile").write_text("not a folder")
-    artifact = f"checkpoint={run_dir / 'model_compact.pt'}"
+    artifact = run_dir / "model_compact.pt"
+    r = cli("cdnv2-convert", f"checkpoint={artifact}", "threads=-1", "export=onnx")
+    assert r.returncode == 2 and "threads=-1 must be >= 1" in r.stderr and "Traceback" not in r.stderr, r.stderr
     cases = {
-        f"out={tmp_path / 'folder'}": "is a folder",
-        f"out={tmp_path / 'm.onnx'}": "give it a .pt name",
-        f"out={tmp_path / 'afile' / 'm.pt'}": "is not writable",
-        "threads=-1": "threads=-1 must be >= 1",
+        tmp_path / "folder": "is a folder",
+        tmp_path / "m.onnx": "give it a .pt name",
+        tmp_path / "afile" / "m.pt": "is not writable",
     }
-    for arg, message in cases.items():
-        r = cli("cdnv2-convert", artifact, arg, "export=onnx")
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (arg, r.stderr)
+    for out, message in cases.items():
+        cfg = convert_cli.ConvertConfig(checkpoint=str(artifact), out=str(out), export="onnx")
+        with pytest.raises(SystemExit) as e:
+            run_user_command("cdnv2-convert", lambda: convert_cli.run(cfg))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("cdnv2-convert: error: ") and message in err, (out, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]
     assert not list((tmp_path / "folder").iterdir())

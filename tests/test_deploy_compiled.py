@@ -108,6 +108,7 @@ print(json.dumps({"diffs": diffs, "cdnv2_imported": "cdnv2" in sys.modules,
 
 
 @pytest.mark.timeout(1200)  # AOTInductor compiles C++: about a minute alone, much more on a loaded CPU
+@pytest.mark.ci
 def test_convert_command_writes_an_aoti_package_that_runs_without_cdnv2(compact, tmp_path):
     """cdnv2-convert export=aoti: the .pt2 matches PyTorch at batch 1, 3, 32 in a torch-only
     process, and cdnv2-eval gives it the artifact's accuracy."""

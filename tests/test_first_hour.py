@@ -40,6 +40,7 @@ def test_top_level_configs_show_the_tree_the_wheel_ships():
     assert "configs/**/*.yaml" in globs
 
 
+@pytest.mark.ci
 def test_readme_train_then_finetune_on_the_same_folder(tmp_path):
     """The README's sequence: train on a folder, fine-tune on it, evaluate the fine-tune."""
     readme = (ROOT / "README.md").read_text()

@@ -35,14 +35,12 @@ def _train(run: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished QUICK run (tests copy it before changing anything)."""
-    run = tmp_path_factory.mktemp("finished") / "run"
-    r = _train(run)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return run
+def finished(quick_cli_run) -> Path:
+    """A finished QUICK run, the session's shared one (tests copy it before changing anything)."""
+    return quick_cli_run
 
 
+@pytest.mark.ci
 def test_a_folder_with_other_files_is_refused_and_never_moved(tmp_path):
     proj = tmp_path / "proj"
     (proj / ".git").mkdir(parents=True)
@@ -129,6 +127,7 @@ def test_refused_and_failed_commands_leave_the_folder_as_it_was(tmp_path, finish
     assert "resume=never" in (run / ".hydra" / "overrides.yaml").read_text()
 
 
+@pytest.mark.ci
 def test_a_finished_run_with_an_unreadable_last_pt_stays_finished(tmp_path, finished):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
@@ -141,25 +140,38 @@ def test_a_finished_run_with_an_unreadable_last_pt_stays_finished(tmp_path, fini
     assert _tree(run, skip=(LOCK_NAME,)) == before  # prev.pt, metrics, outputs, record: all as they were
 
 
-def test_other_commands_never_replace_a_runs_files(tmp_path, finished):
+def test_other_commands_never_replace_a_runs_files(tmp_path, finished, capsys):
+    # The commands' own error path, in-process (each real command start costs seconds).
+    from cdnv2.cli.common import run_user_command
+    from cdnv2.cli.convert import ConvertConfig, run as convert
+    from cdnv2.cli.eval import EvalConfig, run as evaluate
+    from cdnv2.cli.viz import VizConfig, run as viz
+    from cdnv2.errors import CheckpointError, RunDirError
+
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     before = _tree(run, skip=(LOCK_NAME,))
-    r = cli("cdnv2-convert", f"checkpoint={run}/checkpoints/last.pt", f"out={run}/checkpoints/best.pt", "bench=false")
-    assert r.returncode == 2 and "would replace checkpoints/best.pt" in r.stderr, r.stderr[-2000:]
-    r = cli("cdnv2-eval", f"checkpoint={run}/model_compact.pt", f"out={run}/report.json")
-    assert r.returncode == 2 and "would replace report.json" in r.stderr, r.stderr[-2000:]
-    assert "top-1" not in r.stdout  # refused before evaluating
-    from cdnv2.cli.viz import VizConfig, run as viz
-    from cdnv2.errors import RunDirError
-
+    for prog, task, message in [
+        ("cdnv2-convert", lambda: convert(ConvertConfig(checkpoint=f"{run}/checkpoints/last.pt",
+                                                        out=f"{run}/checkpoints/best.pt", bench=False)),
+         "would replace checkpoints/best.pt"),
+        ("cdnv2-eval", lambda: evaluate(EvalConfig(checkpoint=f"{run}/model_compact.pt", out=f"{run}/report.json",
+                                                   progress="none")),
+         "would replace report.json"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            run_user_command(prog, task, (CheckpointError,))
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and err.startswith(f"{prog}: error: ") and message in err, err[-2000:]
+        assert "top-1" not in out  # refused before evaluating
     with pytest.raises(RunDirError, match=r"would replace tb/curves.png"):
         viz(VizConfig(run_dir=str(run), out=str(run / "tb")))
     assert _tree(run, skip=(LOCK_NAME,)) == before
 
 
 @pytest.mark.parametrize("fault", [
-    "full disk writing best.pt", pytest.param("killed after last.pt", marks=pytest.mark.slow),
+    pytest.param("full disk writing best.pt", marks=pytest.mark.ci),
+    pytest.param("killed after last.pt", marks=pytest.mark.slow),
 ])
 def test_best_and_last_agree_after_a_failed_write(tmp_path, finished, fault):
     """The re-run ends with the best.pt and best_top1 of an uninterrupted run."""

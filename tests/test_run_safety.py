@@ -84,6 +84,7 @@ def finished(quick_cli_run) -> Path:
 
 
 # ----------------------------------------------------------------------------- items 1, 2, 8
+@pytest.mark.ci
 def test_finished_run_identity_never_destroy_and_aside(tmp_path, finished):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
@@ -176,6 +177,7 @@ def test_resumable_keys_are_documented():
 _HOLD = "import sys, time; from cdnv2.engine.run_dir import RunDir; r = RunDir(sys.argv[1]); print('held', flush=True); time.sleep(600)"
 
 
+@pytest.mark.ci
 def test_one_process_per_folder_and_dead_holders_never_block(tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(run)], stdout=subprocess.PIPE, text=True)
@@ -203,6 +205,7 @@ def test_one_process_per_folder_and_dead_holders_never_block(tmp_path):
 
 
 # ----------------------------------------------------------------------------- item 4
+@pytest.mark.ci
 def test_sigterm_to_the_process_group_with_workers(tmp_path):
     """What `timeout`, SLURM and Kubernetes do: every process of the group gets SIGTERM."""
     run = tmp_path / "run"

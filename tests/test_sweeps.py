@@ -123,6 +123,7 @@ def test_pareto_front_keeps_only_non_dominated_points():
 
 
 # ---------------------------------------------------------------- end to end
+@pytest.mark.ci
 def test_sweep_records_a_failing_job_and_skips_finished_ones(tmp_path):
     """lgc_condense=3 does not divide: recorded, the sweep goes on; a re-run skips the finished job."""
     args = ["-m", *SWEEP, "model.lgc_condense=3,4"]
@@ -159,6 +160,7 @@ def test_killed_sweep_resumes_its_unfinished_job(tmp_path):
     assert [row["status"] for row in _summary(sweep_dir)] == ["failed", "finished"]
 
 
+@pytest.mark.ci
 def test_pareto_search_three_trials(tmp_path):
     r = cli("cdnv2-train", "-m", "hydra/sweeper=pareto", "experiment=quick", "hydra.sweeper.n_trials=3",
             "data.num_train=256", "data.num_val=64", "data.batch_size=32", "trainer.progress=lines",
@@ -194,6 +196,7 @@ def _task_pid(folder: Path) -> int | None:
     return None
 
 
+@pytest.mark.ci
 def test_submitit_local_preemption_checkpoints_requeues_and_resumes(tmp_path):
     """The stock hydra/launcher=submitit_local: preempt a job, it checkpoints, requeues, finishes."""
     args = ["-m", "hydra/launcher=submitit_local", *SWEEP, "trainer.epochs=3", "sweep_name=pre"]

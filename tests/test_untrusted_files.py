@@ -177,6 +177,7 @@ def test_a_recorded_architecture_far_beyond_its_weights_is_not_allocated(evil_ch
     assert "cannot build model" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.ci
 def test_hydras_pickle_rerun_is_refused(tmp_path):
     """Hydra's --experimental-rerun would pickle.load the file it is given."""
     marker, path = tmp_path / "pwned", tmp_path / "config.pickle"

@@ -80,13 +80,13 @@ def test_predict_command_agrees_with_eval_and_lists_the_corrupt_file(run, val_wi
 
 
 def test_predict_errors_are_one_paragraph_exit_2(run, tmp_path):
-    r = cli("cdnv2-predict", f"checkpoint={run / 'model_compact.pt'}", f"input={tmp_path / 'nowhere'}")
-    assert r.returncode == 2 and "input=" in r.stderr and "no such file or folder" in r.stderr
-    _no_traceback(r)
+    # In-process: the real command's start costs seconds (the test above runs it).
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "notes.txt").write_text("x")
     cases = [
+        (dict(checkpoint=str(run / "model_compact.pt"), input=str(tmp_path / "nowhere")),
+         "input=.*nowhere: no such file or folder"),
         (dict(checkpoint=None, input=str(empty)), "checkpoint=PATH is required"),
         (dict(checkpoint=str(tmp_path / "missing.pt"), input=str(empty)), "no such file"),
         (dict(checkpoint=str(run / "model_compact.pt"), input=str(empty)), "holds no image files"),

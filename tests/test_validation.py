@@ -16,7 +16,7 @@ from cdnv2.engine import TrainConfig, Trainer, TrainerConfig
 from cdnv2.engine.validation import model_facts, validate_config
 from cdnv2.errors import CheckpointError, ConfigError, UserError
 
-from helpers import QUICK, cli
+from helpers import QUICK, cli, restored_process_state
 
 
 def _set(cfg: TrainConfig, key: str, value) -> TrainConfig:
@@ -279,17 +279,31 @@ def test_trainer_validates_and_logs_what_it_will_do(tmp_path, caplog):
     assert window.good == 1 and not window.bad_steps and math.isfinite(window.loss)
 
 
-# Two of the issue's cases through the real command (each start costs seconds); the
-# in-process tests above cover every case.
+# The command's own error path: one case through the real command (each start costs
+# seconds), the others in-process (compose, then run as the command runs it); the
+# in-process table above covers every case.
+def test_command_exits_2_before_the_run_dir_exists(tmp_path):
+    run_dir = tmp_path / "run"
+    r = cli("cdnv2-train", *QUICK, "optim.lr=-1", "trainer.log_every=0", f"hydra.run.dir={run_dir}", timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cdnv2-train: error: ") and "optim.lr=-1.0" in lines[0], r.stderr
+    assert not run_dir.exists()
+
+
 @pytest.mark.parametrize("overrides,expected", [
-    (["optim.lr=-1", "trainer.log_every=0"], "optim.lr=-1.0"),
     (["model=cdnv2_tiny", "data.image_size=7"], "data.image_size=7"),  # once make_shapes' ValueError
     (["trainer.amp=fp16", "trainer.device=cpu"], "trainer.amp='fp16' needs a CUDA device"),
 ])
-def test_command_exits_2_before_the_run_dir_exists(tmp_path, overrides, expected):
+def test_run_exits_2_with_one_paragraph_before_any_work(tmp_path, capsys, overrides, expected):
+    from cdnv2.cli.common import run_user_command
+    from cdnv2.cli.train import compose_train_config, run_command
+
     run_dir = tmp_path / "run"
-    r = cli("cdnv2-train", *QUICK, *overrides, f"hydra.run.dir={run_dir}", timeout=120)
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("cdnv2-train: error: ") and expected in lines[0], r.stderr
+    cfg = compose_train_config([*QUICK, *overrides])
+    with restored_process_state(), pytest.raises(SystemExit) as e:
+        run_user_command("cdnv2-train", lambda: run_command(cfg, str(run_dir)))
+    assert e.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cdnv2-train: error: ") and expected in lines[0], lines
     assert not run_dir.exists()

@@ -8,8 +8,6 @@ import pytest
 import torch
 
 import cdnv2
-from cdnv2.data import DataConfig
-from cdnv2.engine import TrainConfig, TrainerConfig, train
 from cdnv2.errors import CheckpointError, ConfigError
 from cdnv2.models import create_model
 from cdnv2.viz import VizError, block_connectivity, connectivity_matrix, lgc_group_mask, read_metrics
@@ -106,15 +104,9 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    threads = torch.get_num_threads()
-    cfg = TrainConfig(data=DataConfig(num_train=384, num_val=128, batch_size=32))
-    cfg.trainer = TrainerConfig(epochs=2, max_steps_per_epoch=4, parity_samples=8, progress="none",
-                                log_every=1, stage_snapshots=False, threads=1)
-    path = tmp_path_factory.mktemp("viz_run")
-    train(cfg, path)
-    torch.set_num_threads(threads)
-    return path
+def run_dir(tiny_run):
+    """The session's tiny run, every step logged (read-only)."""
+    return tiny_run
 
 
 def test_viz_command_draws_curves_and_connectivity(run_dir, tmp_path):
