@@ -28,16 +28,18 @@ $(DEV_STAMP): $(STAMP)
 demo: install
 	$(VENV)/bin/cdnv2-train
 
-# One pytest process (the SIGSEGV that once split it in two is understood: docs/testing.md).
+# One pytest run on every core (pytest-xdist, at most 4 workers; the SIGSEGV that once split
+# it in two is understood: docs/testing.md).
 # Locally the fast default (pyproject: -m 'not slow and not ci'); with CI=true, as CI runs
 # `bash .ci/run`, the tests marked `ci` (the long acceptance runs) run too.
+XDIST := -n auto --maxprocesses=4
 CI_SELECT := $(if $(filter true True TRUE 1 yes,$(CI)),-m 'not slow',)
 
 test: install-dev
-	$(PY) -m pytest -q $(CI_SELECT)
+	$(PY) -m pytest -q $(XDIST) $(CI_SELECT)
 
 test-all: install-dev
-	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q -m ''
+	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q $(XDIST) -m ''
 
 bench: install-dev
 	$(PY) scripts/bench_convert.py

@@ -85,7 +85,7 @@ def _first_step(tmp_path, recal: int) -> tuple[float, float]:
     return stop.value.args
 
 
-@pytest.mark.slow  # two 48-step runs: ~1 min alone, 5 min on the loaded shared CPU
+@pytest.mark.ci  # two 48-step runs: ~1 min alone, 5 min on the loaded shared CPU
 def test_bn_recal_keeps_accuracy_through_a_condensation_step(tmp_path):
     """Top-1 right before and right after the first condensation step of a tiny run (step 48
     of 64): with stale BN statistics the step costs most of what was learned; with them
@@ -99,7 +99,7 @@ def test_bn_recal_keeps_accuracy_through_a_condensation_step(tmp_path):
     assert before - stale >= 10, (before, stale)
 
 
-@pytest.mark.slow
+@pytest.mark.ci
 def test_bn_recal_is_exact_under_resume(tmp_path):
     """Crashed after a condensation step whose recal is not in the last checkpoint: the
     resumed run redoes the step and its recal and ends with the uninterrupted run's weights."""
@@ -151,7 +151,7 @@ def _step_gaps(tmp_path, fade: float) -> list:
     return probe.rows
 
 
-@pytest.mark.slow  # two 55-step runs with 7 evaluations each: ~2 min alone, 5 on the loaded CPU
+@pytest.mark.ci  # two 55-step runs with 7 evaluations each: ~2 min alone, 5 on the loaded CPU
 def test_fade_keeps_accuracy_through_every_condensation_step(tmp_path):
     """condense.fade_fraction=0.1: the top-1 right after each of the three steps stays within
     5 points of right before it; the hard step (BN re-estimated, fade 0) loses more at some step.
@@ -439,7 +439,7 @@ def _kd_cfg(num_train: int, epochs: int, teacher=None) -> TrainConfig:
     )
 
 
-@pytest.mark.slow  # a 128-step teacher and two 24-step students: ~2 min alone, 6 on the loaded CPU
+@pytest.mark.ci  # a 128-step teacher and two 24-step students: ~2 min alone, 6 on the loaded CPU
 def test_a_stronger_teacher_makes_a_better_student(tmp_path):
     """The same student (seed, 128 images, 24 steps) with and without a teacher trained on
     16x the images: the distilled one is clearly better on the same 256 val images."""
