@@ -6,6 +6,7 @@ from torch import nn
 
 import cdnv2
 from cdnv2.compact import CompactDenseLayer, convert_model
+from cdnv2.compact import static_run
 from cdnv2.compact.static_run import STATIC_BUFFERS
 from cdnv2.condense import condense_fully
 
@@ -57,6 +58,29 @@ def test_export_traces_the_whole_model_with_a_dynamic_batch(name):
             ref = compact(x)
             out = program.module()(x)
         assert _rel(ref, out) < 1e-4, batch
+
+
+@pytest.mark.parametrize("widest", [0, 64])
+def test_every_layer_in_one_form_traces_exactly(monkeypatch, widest):
+    """0: every 1x1 a GEMM and every 3x3 a conv; 64: every grouped conv as multiply-adds
+    (the default mixes both on cdnv2_tiny: 3 of its 8 LGCs pointwise, tested above)."""
+    monkeypatch.setattr(static_run, "POINTWISE_MAX_READS", widest)
+    monkeypatch.setattr(static_run, "POINTWISE_MAX_3X3_INPUTS", widest)
+    compact = _compact("cdnv2_tiny")
+    layers = [m for m in compact.modules() if isinstance(m, CompactDenseLayer)]
+    on = widest > 0
+    assert [static_run.pointwise_forms(m) for m in layers] == [(on, on, on and m.sfr is not None) for m in layers]
+    program = _export(compact, _images(compact, 2))
+    for batch in (1, 3):
+        x = _images(compact, batch, seed=batch)
+        with torch.no_grad():
+            assert _rel(compact(x), program.module()(x)) < 1e-4
+
+
+def test_default_forms_mix_pointwise_and_gemm_layers():
+    forms = [static_run.pointwise_forms(m) for m in _compact("cdnv2_tiny").modules()
+             if isinstance(m, CompactDenseLayer)]
+    assert 0 < sum(f[0] for f in forms) < len(forms) and any(f[1] for f in forms) and any(f[2] for f in forms)
 
 
 @pytest.mark.parametrize("name", ["cdnv2_tiny", pytest.param("cdnv2_a", marks=pytest.mark.slow)])
