@@ -27,7 +27,7 @@ prefix); the SFR as its BN + activation (pointwise), one batched GEMM and an
 Narrow layers take the *pointwise form* instead (:func:`pointwise_forms`): where a group
 reads at most :data:`POINTWISE_MAX_READS` channels, its 1x1 conv is written as that many
 multiply-adds, which Inductor fuses with the gather, the BNs and the activations into
-one loop vectorised over the pixels of the NCHW block buffer (no GEMM call, no
+one loop vectorised over the pixels of the channel-major block buffer (no GEMM call, no
 materialised gather); where the 3x3 conv's groups are at most
 :data:`POINTWISE_MAX_3X3_INPUTS` channels wide, the LGC writes its output zero-padded and
 the 3x3 conv is 9 x that many shifted multiply-adds (oneDNN runs such convs far below
@@ -132,8 +132,8 @@ def _grouped_sum(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _lgc_pointwise(layer: "CompactDenseLayer", buf: torch.Tensor, padded: bool) -> torch.Tensor:
-    """The 3x3 conv's input (interleaved channel order, NCHW), zero-padded by one pixel
-    when ``padded``: computed on the padded grid (from zero-padded inputs) with the border zeroed,
+    """The 3x3 conv's input (interleaved channel order), zero-padded by one pixel
+    when ``padded``: computed on the padded grid (from zero-padded inputs), border zeroed,
     so the 3x3 conv reads it with no bounds checks."""
     b, _, hgt, wid = buf.shape
     lgc, unit = layer.conv_1, layer.conv_2
