@@ -60,7 +60,7 @@ def test_export_traces_the_whole_model_with_a_dynamic_batch(name):
         assert _rel(ref, out) < 1e-4, batch
 
 
-@pytest.mark.parametrize("widest", [0, 64])
+@pytest.mark.parametrize("widest", [0, pytest.param(64, marks=pytest.mark.ci)])  # ci: ~60 s (unrolled sums)
 def test_every_layer_in_one_form_traces_exactly(monkeypatch, widest):
     """0: every 1x1 a GEMM and every 3x3 a conv; 64: every grouped conv as multiply-adds
     (the default mixes both on cdnv2_tiny: 3 of its 8 LGCs pointwise, tested above)."""
