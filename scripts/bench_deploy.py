@@ -3,8 +3,10 @@
 
 For each variant: the compact model, the masked (uncondensed, dense masked convs) model
 and the FLOPs-equal torchvision peer, in PyTorch eager, ONNX Runtime, OpenVINO,
-``torch.compile`` (Inductor, ``dynamic=True``: one graph for all batch sizes), AOTInductor (``.pt2``) and ExecuTorch with XNNPACK
-(``.pte``), at each batch size; ms per batch (224x224, fp32), the median (min) of
+``torch.compile`` (Inductor, ``dynamic=True``: one graph for all batch sizes), AOTInductor
+(``.pt2``; ``aoti`` compiled as ``cdnv2-convert`` does, with Inductor's freezing,
+``aoti-plain`` with Inductor's defaults) and ExecuTorch with XNNPACK (``.pte``), at each
+batch size; ms per batch (224x224, fp32), the median (min) of
 --repeats runs timed round-robin over all models and runtimes of that batch (load from
 other processes hits all alike), and the ratios from the same run. The compiled
 runtimes get what ``cdnv2-convert export=aoti|executorch`` exports for the compact model
@@ -39,8 +41,11 @@ from cdnv2.deploy.sessions import openvino_op_profile, openvino_session, ort_ses
 
 from _bench import PEERS, condensed, load_average, parser, print_tables, time_round_robin
 
-RUNTIMES = ("eager", "ort", "ov", "ov-bf16", "compile", "aoti", "xnnpack")  # ov-bf16: OpenVINO at bfloat16
-COMPILED = ("compile", "aoti", "xnnpack")
+# ov-bf16: OpenVINO at bfloat16; aoti: the .pt2 as cdnv2-convert compiles it (Inductor's
+# freezing on), aoti-plain: with Inductor's defaults (freezing off), what
+# aoti_compile_and_package gives a model unless told otherwise
+RUNTIMES = ("eager", "ort", "ov", "ov-bf16", "compile", "aoti", "aoti-plain", "xnnpack")
+COMPILED = ("compile", "aoti", "aoti-plain", "xnnpack")
 
 
 def parse_args(argv=None):
@@ -135,7 +140,7 @@ def compiled_callables(mods: dict, args, tmp: Path, batches: list[int]) -> dict:
 
 
 def _compiled(rt: str, m: torch.nn.Module, label: str, args, tmp: Path, batches: list[int]) -> dict:
-    from cdnv2.deploy.aoti import load_aoti
+    from cdnv2.deploy.aoti import INDUCTOR_CONFIGS, load_aoti
 
     slug = label.replace("[", "-").replace("]", "")
     size = (3, args.size, args.size)
@@ -143,9 +148,11 @@ def _compiled(rt: str, m: torch.nn.Module, label: str, args, tmp: Path, batches:
         f = torch.compile(m, dynamic=True)  # one graph for every batch size, like the .pt2
         f(torch.randn(batches[0], *size))  # compile errors surface here, not in the timed loop
         return {b: (lambda x, f=f: f(torch.from_numpy(x))) for b in batches}
-    if rt == "aoti":
+    if rt in ("aoti", "aoti-plain"):
         program = _export(m, torch.randn(2, *size), True)
-        run = load_aoti(torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / f"{slug}.pt2")))
+        configs = INDUCTOR_CONFIGS if rt == "aoti" else {}
+        run = load_aoti(torch._inductor.aoti_compile_and_package(
+            program, package_path=str(tmp / f"{slug}-{rt}.pt2"), inductor_configs=configs))
         return {b: (lambda x, f=run: f(torch.from_numpy(x))) for b in batches}
     if label == "compact":  # what export=executorch exports: the deployment graph
         from cdnv2.deploy.program import export_module
