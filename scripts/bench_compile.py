@@ -15,6 +15,12 @@ mmap threshold is a fresh mapping, page-faulted on every call (docs/deploy.md).
 
     python scripts/bench_compile.py --variants cdnv2_a --batch 1 32 --repeats 3
     python scripts/bench_compile.py --variants cdnv2_b --batch 32 --profile   # top ops
+    python scripts/bench_compile.py --variants cdnv2_a --batch 32 1 --int8 --no-masked --no-graph
+
+``--int8`` adds the PT2E int8 models (torchao's ``X86InductorQuantizer``, static per-tensor
+activations, per-channel weights, calibrated on 4 random batches: a speed check only)
+of the compact static forward, the deployment graph and the peer, compiled the same way,
+in a second table with their max rel diff from fp32 and top-1 agreement on the timed batch.
     TORCH_LOGS=output_code python scripts/bench_compile.py ...               # Inductor's code
 
 Compiling is slow on a loaded 2-core machine (minutes per model and batch size).
@@ -46,6 +52,8 @@ def parse_args(argv=None):
                    help="keep: glibc malloc keeps freed memory for reuse (no mmap per large tensor, see "
                         "docs/deploy.md); glibc: its defaults (each large tensor a fresh mmap, page-faulted)")
     p.add_argument("--no-graph", action="store_true", help="skip the compiled deployment graph (cdnv2.deploy.graph)")
+    p.add_argument("--int8", action="store_true",
+                   help="also PT2E int8 (X86InductorQuantizer) of the compact forward, the deployment graph and the peer")
     return p.parse_args(argv)
 
 
@@ -72,6 +80,36 @@ def compiled(model: torch.nn.Module, x: torch.Tensor, fullgraph: bool = False):
     return fn
 
 
+def pt2e_int8(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """``model`` quantized by PT2E for Inductor on x86 (torchao), calibrated on random images."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(torch.export.export(model.eval(), (x,)).module(), quantizer)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        prepared(torch.randn(x.shape, generator=gen))
+    return convert_pt2e(prepared)
+
+
+def int8_rows(name: str, batch: int, x: torch.Tensor, fp32: dict, args) -> list[str]:
+    """One row per model: fp32 and int8 compiled, timed round-robin in one run."""
+    fns, cells = {}, {}
+    for label, model in fp32.items():
+        fns[f"{label} fp32"] = compiled(model, x, fullgraph=label == "compact")
+        fns[f"{label} int8"] = compiled(pt2e_int8(model, x), x)
+        ref, out = model(x), fns[f"{label} int8"](x)
+        cells[label] = (float((out - ref).abs().max() / ref.abs().max()),
+                        float((out.argmax(1) == ref.argmax(1)).float().mean()))
+    t = time_round_robin({k: (lambda f=f: f(x)) for k, f in fns.items()}, args.repeats, args.warmup)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    return [f"| {name} | {batch} | {label} | {med[label + ' fp32']:.1f} | {med[label + ' int8']:.1f} | "
+            f"{med[label + ' fp32'] / med[label + ' int8']:.2f} | {err:.1e} | {agree:.2f} |"
+            for label, (err, agree) in cells.items()]
+
+
 def profile(fn, x: torch.Tensor, label: str) -> None:
     from torch.profiler import ProfilerActivity, profile as prof
 
@@ -82,12 +120,12 @@ def profile(fn, x: torch.Tensor, label: str) -> None:
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
-def rows_for(name: str, args) -> list[str]:
+def rows_for(name: str, args) -> tuple[list[str], list[str]]:
     masked = condensed(name)
     compact = convert_model(masked)  # parity checked on a small input
     peer = getattr(torchvision.models, PEERS[name])(weights=None).eval()
     graph = build_deploy_model(compact, "onnxruntime", input_size=(3, args.size, args.size)).eval()
-    rows = []
+    rows, int8 = [], []
     for batch in args.batch:
         x = torch.randn(batch, 3, args.size, args.size)
         torch._dynamo.reset()
@@ -113,7 +151,11 @@ def rows_for(name: str, args) -> list[str]:
         print(rows[-1], file=sys.stderr, flush=True)
         if args.profile:
             profile(fns["compact"], x, f"compiled compact {name}, batch {batch}")
-    return rows
+        if args.int8:
+            torch._dynamo.reset()
+            int8 += int8_rows(name, batch, x, {"compact": compact, "graph": graph, PEERS[name]: peer}, args)
+            print("\n".join(int8[-3:]), file=sys.stderr, flush=True)
+    return rows, int8
 
 
 def main(argv=None) -> int:
@@ -135,10 +177,18 @@ def main(argv=None) -> int:
         "| compiled vs eager max rel diff |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    int8 = []
     with torch.no_grad():
         for name in args.variants:
-            out += rows_for(name, args)
+            rows, more = rows_for(name, args)
+            out += rows
+            int8 += more
     out.append("")
+    if int8:
+        out += ["PT2E int8 (X86InductorQuantizer, random calibration), compiled the same way as fp32:", "",
+                "| model | batch | module | fp32 ms | int8 ms | int8 speed-up | int8 vs fp32 max rel diff "
+                "| top-1 agreement |",
+                "|---|---:|---|---:|---:|---:|---:|---:|", *int8, ""]
     print_tables(out)
     return 0
 
