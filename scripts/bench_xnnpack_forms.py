@@ -21,7 +21,7 @@ import torch
 import torchvision
 
 from cdnv2.compact import convert_model
-from cdnv2.deploy.graph import build_deploy_model
+from cdnv2.deploy.graph import PREACT_FORMS, DeployError, build_deploy_model, parse_form
 
 from _bench import PEERS, condensed, load_average, parser, print_tables, time_round_robin
 from bench_deploy import _xnnpack
@@ -39,8 +39,14 @@ def parse_args(argv=None):
     if len(args.batch) != 1:
         p.error("--batch: one size (a .pte is lowered for a fixed batch)")
     for f in args.forms:
-        if f.count(":") != 1:
-            p.error(f"--forms {f!r}: write <lgc>/<3x3>:<preact>, e.g. dense/grouped:conv or auto:bn")
+        form, _, preact = f.partition(":")
+        try:
+            if form != "auto":
+                parse_form(form)
+            if preact not in PREACT_FORMS:
+                raise DeployError(f"pre-activation {preact!r}: use one of {', '.join(PREACT_FORMS)}")
+        except DeployError as e:
+            p.error(f"--forms {f!r}: {e} (write <lgc>/<3x3>:<preact> or auto:<preact>, e.g. dense/grouped:conv)")
     return args
 
 
